@@ -1,0 +1,329 @@
+"""NestedCluster and ClusterFactory: provisioning that cleans up after itself, even half-way."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import docker
+from kubernetes import client as k8s_client
+
+from pytest_kipik import kind, kubeconfig, labels, readiness
+from pytest_kipik.config import KipikConfig
+from pytest_kipik.errors import ConfigError, KipikError
+from pytest_kipik.hosts import docker as docker_host
+from pytest_kipik.hosts.base import Host
+from pytest_kipik.image import ensure_default_image
+from pytest_kipik.process import CommandResult, run
+from pytest_kipik.progress import Reporter, phase, stderr_reporter
+
+
+class NestedCluster:
+    """A ready kind cluster inside its own Docker-in-Docker host.
+
+    Usable as a context manager on its own; when created by a :class:`ClusterFactory` the
+    factory removes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        kubeconfig_path: Path,
+        server: str,
+        host: Host,
+        nodes: int,
+        keep: bool = False,
+    ) -> None:
+        self.name = name
+        self.kubeconfig_path = kubeconfig_path
+        self.server = server
+        self.host = host
+        self.nodes = nodes
+        self.keep = keep
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"NestedCluster(name={self.name!r}, server={self.server!r})"
+
+    @cached_property
+    def api_client(self) -> k8s_client.ApiClient:
+        """A kubernetes ApiClient for this cluster only (built from its own kubeconfig)."""
+        return kubeconfig.api_client(self.kubeconfig_path)
+
+    @cached_property
+    def core_v1(self) -> k8s_client.CoreV1Api:
+        """``CoreV1Api`` on :attr:`api_client`."""
+        return k8s_client.CoreV1Api(self.api_client)
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> CommandResult:
+        """Run the local ``kubectl`` against this cluster and capture its output."""
+        if shutil.which("kubectl") is None:
+            raise KipikError(
+                "kubectl is not installed (not on PATH); install it to use cluster.kubectl(), "
+                "or use cluster.api_client / cluster.core_v1"
+            )
+        return run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig_path), *args],
+            timeout=timeout,
+            check=check,
+        )
+
+    def how_to_reach(self) -> str:
+        """What to paste to use and to remove a kept cluster."""
+        return (
+            f"kipik: kept cluster {self.name}\n"
+            f"  use it:    kubectl --kubeconfig {self.kubeconfig_path} get nodes\n"
+            f"  remove it: {self.host.removal_command()} && rm -rf {self.kubeconfig_path.parent}"
+        )
+
+    def close(self) -> None:
+        """Remove the cluster's host and files (not when kept); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if "api_client" in self.__dict__:
+            self.api_client.close()
+        if self.keep:
+            return
+        self.host.remove()
+        shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
+
+    def __enter__(self) -> NestedCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ClusterFactory:
+    """Creates nested clusters for one session (or one xdist worker) and removes them all.
+
+    ``workdir`` holds each cluster's private kubeconfig directory (a fresh temporary directory
+    when not given). ``report`` receives one line per phase.
+    """
+
+    def __init__(
+        self,
+        config: KipikConfig,
+        *,
+        workdir: Path | None = None,
+        report: Reporter = stderr_reporter,
+        worker: str | None = None,
+    ) -> None:
+        self.config = config
+        self.report = report
+        self.worker = worker
+        self.run_id = labels.new_run_id()
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kipik-"))
+        self.clusters: list[NestedCluster] = []
+        self._client: docker.DockerClient | None = None
+        self._dind_image: str | None = None
+        self._lock = threading.Lock()
+        self._count = 0
+
+    # -- shared resources ------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Check now that the Docker engine answers (raises DockerUnavailableError)."""
+        self._docker()
+
+    def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker_host.connect()
+        return self._client
+
+    def _image(self) -> str:
+        if self._dind_image is None:
+            client = self._docker()
+            if self.config.image:
+                docker_host.ensure_image(client, self.config.image, self.report)
+                self._dind_image = self.config.image
+            else:
+                self._dind_image = ensure_default_image(client, self.report)
+        return self._dind_image
+
+    def _next_name(self, name: str | None) -> str:
+        with self._lock:
+            self._count += 1
+            index = self._count
+        if name is None:
+            name = labels.cluster_name(self.config.name_prefix, self.run_id, self.worker, index)
+        problem = labels.check_cluster_name(name)
+        if problem:
+            raise ConfigError(problem)
+        if any(c.name == name for c in self.clusters):
+            raise ConfigError(f"a cluster named {name!r} already exists in this session")
+        return name
+
+    def _make_host(self, name: str) -> Host:
+        # The seam for backends: "auto" and "docker" both mean the local Docker engine today.
+        return docker_host.DockerHost(
+            self._docker(),
+            image=self._image(),
+            name=f"{name}-dind",
+            labels=labels.owner_labels(
+                run_id=self.run_id,
+                cluster=name,
+                role="dind",
+                worker=self.worker,
+                keep=self.config.keep,
+            ),
+            inner_ports=[kind.API_SERVER_PORT],
+        )
+
+    # -- creating --------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        nodes: int | None = None,
+        kind_config: Path | str | Mapping[str, Any] | None = None,
+        node_image: str | None = None,
+    ) -> NestedCluster:
+        """Create a ready nested cluster.
+
+        ``nodes``: 1 control plane + ``nodes - 1`` workers (not together with a kind config
+        that lists nodes). ``kind_config``: a path or a mapping, validated like kind does,
+        instead of the session's ``--kipik-kind-config``. ``node_image``: instead of the
+        session's ``--kipik-node-image``.
+        """
+        name = self._next_name(name)
+        user_config = self._user_kind_config(kind_config)
+        kind.build_config(user_config, name=name, cert_sans=[], nodes=nodes)  # fail before start
+        image = node_image or self.config.node_image
+        deadline = time.monotonic() + self.config.timeout
+        cluster = self._provision(name, user_config, nodes, image, deadline)
+        self.clusters.append(cluster)
+        return cluster
+
+    def _user_kind_config(
+        self, kind_config: Path | str | Mapping[str, Any] | None
+    ) -> dict[str, Any] | None:
+        if kind_config is None:
+            path = self.config.kind_config
+            return kind.load_user_config(path) if path else None
+        if isinstance(kind_config, Mapping):
+            try:
+                return kind.validate_user_config(kind.dump_config(kind_config))
+            except ConfigError as exc:
+                raise ConfigError(f"kind_config: {exc}") from None
+        return kind.load_user_config(Path(kind_config))
+
+    def _provision(
+        self,
+        name: str,
+        user_config: Mapping[str, Any] | None,
+        nodes: int | None,
+        node_image: str | None,
+        deadline: float,
+    ) -> NestedCluster:
+        def left() -> float:
+            return max(deadline - time.monotonic(), 1.0)
+
+        say = self.report
+        with contextlib.ExitStack() as undo:
+            host = self._make_host(name)
+            if self.config.keep:
+                undo.callback(
+                    say,
+                    f"kipik {name}: kept after a failure; remove with: {host.removal_command()}",
+                )
+            else:
+                undo.callback(self._remove_quietly, host)
+            with phase(say, name, "DinD up"):
+                host.start()
+            with phase(say, name, "inner daemon ready"):
+                host.wait_ready(left())
+            if node_image:
+                with phase(say, name, f"node image {node_image} in"):
+                    if not host.load_image(node_image, left()):
+                        say(f"kipik {name}: {node_image} is not local; kind will pull it")
+            config = kind.build_config(
+                user_config, name=name, cert_sans=host.cert_sans(), nodes=nodes
+            )
+            with phase(say, name, "kind create"):
+                kind.KindDriver(host).create(
+                    config,
+                    image=node_image,
+                    timeout=left(),
+                    retain=self.config.keep,
+                )
+            with phase(say, name, "kubeconfig + readiness"):
+                endpoint = host.api_endpoint(kind.API_SERVER_PORT)
+                raw = kubeconfig.parse(kind.KindDriver(host).kubeconfig(name))
+                directory = self.workdir / name
+                if not self.config.keep:
+                    undo.callback(shutil.rmtree, directory, True)
+                path = kubeconfig.write_private(
+                    directory / "kubeconfig",
+                    kubeconfig.dump(kubeconfig.with_server(raw, endpoint.url)),
+                )
+                cluster = NestedCluster(
+                    name=name,
+                    kubeconfig_path=path,
+                    server=endpoint.url,
+                    host=host,
+                    nodes=kind.node_count(config),
+                    keep=self.config.keep,
+                )
+                undo.callback(self._close_client, cluster)
+                readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
+            undo.pop_all()
+        if self.config.keep:
+            say(cluster.how_to_reach())
+        return cluster
+
+    @staticmethod
+    def _close_client(cluster: NestedCluster) -> None:
+        if "api_client" in cluster.__dict__:
+            cluster.api_client.close()
+
+    def _remove_quietly(self, host: Host) -> None:
+        """Undo a half-made host without hiding the error that got us here."""
+        try:
+            with phase(self.report, host.name, "teardown after a failed start"):
+                host.remove()
+        except KipikError as exc:
+            self.report(f"kipik {host.name}: {exc}")
+
+    # -- tearing down ----------------------------------------------------------------------
+
+    def close(self) -> list[KipikError]:
+        """Remove every cluster (kept ones are listed instead); returns teardown problems."""
+        problems: list[KipikError] = []
+        while self.clusters:
+            cluster = self.clusters.pop()
+            if cluster.keep:
+                self.report(cluster.how_to_reach())
+                cluster.close()
+                continue
+            try:
+                with phase(self.report, cluster.name, "teardown"):
+                    cluster.close()
+            except KipikError as exc:
+                problems.append(exc)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._own_workdir and not self.config.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return problems
+
+    def __enter__(self) -> ClusterFactory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+__all__: Sequence[str] = ["ClusterFactory", "NestedCluster"]

@@ -1,0 +1,93 @@
+"""The exceptions pytest-kipik raises: one root, a few precise subclasses."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+
+class KipikError(Exception):
+    """Root of every error pytest-kipik raises on purpose."""
+
+
+class ConfigError(KipikError):
+    """A setting or a kind config file is invalid; raised before anything is started."""
+
+
+class DockerUnavailableError(KipikError):
+    """No Docker engine answered where the Docker SDK looks for one."""
+
+
+class ImageError(KipikError):
+    """An image is missing, cannot be pulled, or the default image could not be built."""
+
+
+class HostError(KipikError):
+    """The Docker-in-Docker host failed to start, died, or its inner daemon never answered."""
+
+
+class ReadinessTimeout(KipikError):
+    """The nested cluster did not become usable in time."""
+
+    def __init__(self, check: str, timeout: float, last_state: str, hint: str) -> None:
+        self.check = check
+        self.timeout = timeout
+        self.last_state = last_state
+        self.hint = hint
+        super().__init__(
+            f"timed out after {timeout:.0f}s waiting for {check}\n"
+            f"  last state seen: {last_state}\n"
+            f"  hint: {hint}"
+        )
+
+
+def _tail(text: str, lines: int) -> str:
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in kept) if kept else "    (empty)"
+
+
+class CommandError(KipikError):
+    """A command exited non-zero; carries everything needed to rerun and debug it."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        exit_code: int,
+        stdout: str,
+        stderr: str,
+        *,
+        where: Sequence[str] = (),
+    ) -> None:
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.where = list(where)
+        super().__init__(self._message())
+
+    @property
+    def pretty_command(self) -> str:
+        """The command as one could paste it into a shell (prefixed by where it ran)."""
+        return shlex.join([*self.where, *self.argv])
+
+    def _message(self) -> str:
+        parts = [f"command failed with exit code {self.exit_code}: {self.pretty_command}"]
+        if self.stderr.strip():
+            parts.append("  stderr:\n" + _tail(self.stderr, 40))
+        if self.stdout.strip():
+            parts.append("  stdout:\n" + _tail(self.stdout, 20))
+        return "\n".join(parts)
+
+
+class KindError(KipikError):
+    """``kind`` failed inside the host; carries kind's output and the inner daemon's log."""
+
+    def __init__(self, action: str, error: CommandError, daemon_log: str) -> None:
+        self.action = action
+        self.error = error
+        self.daemon_log = daemon_log
+        super().__init__(
+            f"kind failed to {action} (exit code {error.exit_code}): {error.pretty_command}\n"
+            f"  kind's stderr:\n{_tail(error.stderr, 60)}\n"
+            f"  last 50 lines of the inner Docker daemon's log:\n{_tail(daemon_log, 50)}"
+        )

@@ -1,0 +1,128 @@
+"""The pytest11 entry point: options, ini keys, the report header and thin fixtures only.
+
+Everything that does work lives in :mod:`pytest_kipik.cluster` and runs without pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s_client
+
+from pytest_kipik.cluster import ClusterFactory, NestedCluster
+from pytest_kipik.config import SETTINGS, KipikConfig, resolve
+from pytest_kipik.errors import ConfigError, DockerUnavailableError, KipikError
+from pytest_kipik.hosts.docker import engine_location
+from pytest_kipik.progress import Reporter
+
+CONFIG_KEY = pytest.StashKey[KipikConfig]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Declare every setting as ``--kipik-*`` option and ``kipik_*`` ini key."""
+    group = parser.getgroup("kipik", "nested Kubernetes clusters (pytest-kipik)")
+    for setting in SETTINGS:
+        text = f"{setting.help} [env {setting.env}, ini {setting.ini}, default: "
+        text += f"{setting.default or 'see help'}]"
+        if setting.flag:
+            group.addoption(
+                setting.cli,
+                action="store_const",
+                const="true",
+                default=None,
+                dest=f"kipik_{setting.name}",
+                help=text,
+            )
+        else:
+            group.addoption(
+                setting.cli,
+                action="store",
+                default=None,
+                metavar=setting.metavar,
+                dest=f"kipik_{setting.name}",
+                help=text,
+            )
+        parser.addini(setting.ini, help=setting.help, type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Resolve and validate the settings once, before anything starts."""
+    ini_dir = config.inipath.parent if config.inipath else config.rootpath
+    cli = {s.name: config.getoption(f"kipik_{s.name}") for s in SETTINGS}
+    ini = {s.name: (str(config.getini(s.ini)) or None) for s in SETTINGS}
+    try:
+        config.stash[CONFIG_KEY] = resolve(
+            cli, ini, os.environ, cwd=Path(config.invocation_params.dir), ini_dir=ini_dir
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(f"pytest-kipik: {exc}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Show every setting with where its value came from, and where Docker is looked for."""
+    kipik = config.stash[CONFIG_KEY]
+    return [
+        "kipik: " + ", ".join(kipik.describe()),
+        f"kipik: docker engine: {engine_location()}",
+    ]
+
+
+def _reporter(config: pytest.Config) -> Reporter:
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is None:  # e.g. an xdist worker: progress goes to the log only
+        return lambda line: None
+    return terminal.write_line  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def nested_cluster_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClusterFactory]:
+    """Session-wide factory of nested kind clusters, each in its own DinD container.
+
+    ``nested_cluster_factory.create(name=None, nodes=None, kind_config=None, node_image=None)``
+    returns a ready :class:`~pytest_kipik.NestedCluster`; every cluster it made is torn down at
+    the end of the session (kept and printed instead with ``--kipik-keep``).
+    """
+    factory = ClusterFactory(
+        request.config.stash[CONFIG_KEY],
+        workdir=tmp_path_factory.mktemp("kipik"),
+        report=_reporter(request.config),
+        worker=os.environ.get("PYTEST_XDIST_WORKER"),
+    )
+    try:
+        factory.connect()
+    except DockerUnavailableError as exc:
+        pytest.exit(f"pytest-kipik: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+    yield factory
+    for problem in factory.close():
+        warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {problem}"), stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def nested_cluster(nested_cluster_factory: ClusterFactory) -> NestedCluster:
+    """A ready nested kind cluster shared by the whole session (one per xdist worker).
+
+    Has ``name``, ``kubeconfig_path``, ``server``, ``api_client``, ``core_v1`` and
+    ``kubectl(*args)``. Configure it with the ``--kipik-*`` options.
+    """
+    try:
+        return nested_cluster_factory.create()
+    except KipikError as exc:
+        pytest.fail(f"pytest-kipik could not create the nested cluster:\n{exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def nested_kubeconfig(nested_cluster: NestedCluster) -> Path:
+    """Path of the session cluster's kubeconfig (mode 0600, server reachable from here)."""
+    return nested_cluster.kubeconfig_path
+
+
+@pytest.fixture(scope="session")
+def nested_client(nested_cluster: NestedCluster) -> k8s_client.ApiClient:
+    """A ``kubernetes.client.ApiClient`` for the session cluster (not the global default)."""
+    return nested_cluster.api_client
