@@ -1,0 +1,72 @@
+"""Shared test setup: the Docker requirement, the test images, and leak checks.
+
+Tests marked ``docker`` need a real Docker engine. Without one they skip and say why, except
+under ``CI=true``, where they fail: CI sets the engine up itself, so a missing engine is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import docker
+import docker.errors
+import pytest
+
+DIND_IMAGE = "kipik-test/dind:dev"
+NODE_IMAGE = "kipik-test/node:dev"
+BUILD_HINT = "build them with: python3 tests/images/build.py"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the real Docker engine (skip without one, fail under CI=true)."""
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        _unavailable(f"no Docker engine answers: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def test_images(docker_client: docker.DockerClient) -> tuple[str, str]:
+    """The DinD test image and the kind-double node image, which must have been built."""
+    for image in (DIND_IMAGE, NODE_IMAGE):
+        try:
+            docker_client.images.get(image)
+        except docker.errors.ImageNotFound:
+            _unavailable(f"the test image {image} is missing; {BUILD_HINT}")
+    return DIND_IMAGE, NODE_IMAGE
+
+
+def owned(client: docker.DockerClient) -> list[str]:
+    """Names of every container and volume labelled by kipik (kept ones included)."""
+    containers = client.containers.list(all=True, filters={"label": "kipik.io/run-id"})
+    volumes = client.volumes.list(filters={"label": "kipik.io/run-id"})
+    return sorted(
+        [f"container {c.name}" for c in containers] + [f"volume {v.name}" for v in volumes]
+    )
+
+
+@pytest.fixture
+def no_leaks(docker_client: docker.DockerClient) -> Iterator[None]:
+    """Fail the test when it leaves kipik-labelled containers or volumes behind."""
+    before = set(owned(docker_client))
+    yield
+    left = sorted(set(owned(docker_client)) - before)
+    assert not left, f"the test left these behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _docker_marker(request: pytest.FixtureRequest) -> None:
+    """Every ``docker`` test needs the engine and checks that it leaks nothing."""
+    if request.node.get_closest_marker("docker"):
+        request.getfixturevalue("no_leaks")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's two entry points, from a fresh machine:
+#   bash tests/run.sh examples   set up, then run examples/ against a nested cluster
+#   bash tests/run.sh tests      set up, then run the test suite, lint and type checks
+# Setting up means: a Docker engine that answers (tests/engine.sh), tox, and the test images
+# (tests/images/build.py, cached by content hash). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-tests}
+shift || true
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "Docker engine"
+bash tests/engine.sh
+
+if ! command -v mmdebstrap >/dev/null; then
+    if [[ $(id -u) == 0 ]]; then
+        step "installing mmdebstrap (builds the test images' root filesystems)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
+    else
+        echo "mmdebstrap is missing: sudo apt-get install mmdebstrap" >&2
+        exit 1
+    fi
+fi
+if ! python3 -m tox --version >/dev/null 2>&1; then
+    step "installing tox"
+    python3 -m pip install --quiet --disable-pip-version-check 'tox>=4.11'
+fi
+if ! python3 -c 'import docker' >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check 'docker>=7.0'
+fi
+
+step "test images"
+python3 tests/images/build.py
+
+case $what in
+    examples)
+        step "example suite against a nested cluster"
+        exec python3 -m tox -e examples -- examples --kipik-image=kipik-test/dind:dev --kipik-node-image=kipik-test/node:dev "$@"
+        ;;
+    tests)
+        step "lint and types"
+        python3 -m tox -e lint,type
+        step "test suite"
+        exec python3 -m tox -e py -- tests "$@"
+        ;;
+    *)
+        echo "usage: bash tests/run.sh examples|tests [pytest args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,155 @@
+from pathlib import Path
+
+import pytest
+
+from pytest_kipik.config import SETTINGS, KipikConfig, parse_bool, parse_duration, resolve
+from pytest_kipik.errors import ConfigError
+
+GOOD_KIND = "kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\n"
+
+
+def test_every_setting_has_cli_ini_and_env_names() -> None:
+    names = {s.name: (s.cli, s.ini, s.env) for s in SETTINGS}
+    assert names == {
+        "backend": ("--kipik-backend", "kipik_backend", "KIPIK_BACKEND"),
+        "image": ("--kipik-image", "kipik_image", "KIPIK_IMAGE"),
+        "node_image": ("--kipik-node-image", "kipik_node_image", "KIPIK_NODE_IMAGE"),
+        "kind_config": ("--kipik-kind-config", "kipik_kind_config", "KIPIK_KIND_CONFIG"),
+        "timeout": ("--kipik-timeout", "kipik_timeout", "KIPIK_TIMEOUT"),
+        "keep": ("--kipik-keep", "kipik_keep", "KIPIK_KEEP"),
+        "name_prefix": ("--kipik-name-prefix", "kipik_name_prefix", "KIPIK_NAME_PREFIX"),
+    }
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = resolve({}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
+    assert config == KipikConfig(
+        backend="auto",
+        image=None,
+        node_image=None,
+        kind_config=None,
+        timeout=300.0,
+        keep=False,
+        name_prefix="kipik",
+    )
+    assert set(config.sources.values()) == {"default"}
+
+
+def test_cli_beats_env_beats_ini_beats_default(tmp_path: Path) -> None:
+    config = resolve(
+        {"image": "from-cli", "timeout": None},
+        {"image": "from-ini", "timeout": "10", "node_image": "node-ini", "name_prefix": "ini"},
+        {"KIPIK_IMAGE": "from-env", "KIPIK_TIMEOUT": "2m", "KIPIK_NAME_PREFIX": "env"},
+        cwd=tmp_path,
+        ini_dir=tmp_path,
+    )
+    assert (config.image, config.timeout, config.node_image, config.name_prefix) == (
+        "from-cli",
+        120.0,
+        "node-ini",
+        "env",
+    )
+    assert config.sources == {
+        "backend": "default",
+        "image": "cli",
+        "node_image": "ini",
+        "kind_config": "default",
+        "timeout": "env",
+        "keep": "default",
+        "name_prefix": "env",
+    }
+
+
+def test_describe_shows_value_and_source(tmp_path: Path) -> None:
+    config = resolve({"keep": "true"}, {}, {"KIPIK_TIMEOUT": "90"}, cwd=tmp_path, ini_dir=tmp_path)
+    assert config.describe() == [
+        "backend=auto (default)",
+        "image=- (default)",
+        "node_image=- (default)",
+        "kind_config=- (default)",
+        "timeout=90s (env)",
+        "keep=True (cli)",
+        "name_prefix=kipik (default)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("300", 300.0), ("45s", 45.0), ("5m", 300.0), ("1.5h", 5400.0), (" 2m ", 120.0)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5", "5d", "0", "1m30s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"duration|longer than zero"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", True), ("Yes", True), ("off", False), ("", False)]
+)
+def test_parse_bool(text: str, value: bool) -> None:
+    assert parse_bool(text) is value
+
+
+@pytest.mark.parametrize(
+    ("cli", "message"),
+    [
+        (
+            {"backend": "podman"},
+            "invalid backend from command-line option --kipik-backend: 'podman' is not a "
+            "backend: use one of auto, docker",
+        ),
+        (
+            {"keep": "maybe"},
+            "invalid keep from command-line option --kipik-keep: 'maybe' is not a yes/no value",
+        ),
+        (
+            {"name_prefix": "Bad_Prefix"},
+            "invalid name_prefix from command-line option --kipik-name-prefix: 'Bad_Prefix' is "
+            "not a valid name prefix",
+        ),
+        ({"timeout": "0"}, "invalid timeout from command-line option --kipik-timeout: '0' must"),
+    ],
+)
+def test_invalid_values_name_setting_source_value_and_choices(
+    tmp_path: Path, cli: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(cli, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
+    assert str(info.value).startswith(message)
+
+
+def test_env_errors_name_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="from environment variable KIPIK_TIMEOUT: 'soon'"):
+        resolve({}, {}, {"KIPIK_TIMEOUT": "soon"}, cwd=tmp_path, ini_dir=tmp_path)
+
+
+def test_kind_config_paths_resolve_against_their_source(tmp_path: Path) -> None:
+    (tmp_path / "ini").mkdir()
+    (tmp_path / "ini" / "kind.yaml").write_text(GOOD_KIND)
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "kind.yaml").write_text(GOOD_KIND)
+    from_ini = resolve(
+        {}, {"kind_config": "kind.yaml"}, {}, cwd=tmp_path / "cwd", ini_dir=tmp_path / "ini"
+    )
+    assert from_ini.kind_config == tmp_path / "ini" / "kind.yaml"
+    from_env = resolve(
+        {},
+        {},
+        {"KIPIK_KIND_CONFIG": "kind.yaml"},
+        cwd=tmp_path / "cwd",
+        ini_dir=tmp_path / "ini",
+    )
+    assert from_env.kind_config == tmp_path / "cwd" / "kind.yaml"
+
+
+def test_missing_kind_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({"kind_config": "nope.yaml"}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
+    assert str(info.value) == (
+        "invalid kind_config from command-line option --kipik-kind-config: cannot read kind "
+        f"config file {tmp_path / 'nope.yaml'}: No such file or directory"
+    )

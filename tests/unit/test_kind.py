@@ -1,0 +1,166 @@
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pytest_kipik import kind
+from pytest_kipik.errors import ConfigError
+
+HEADER = "kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\n"
+
+
+def test_build_config_without_user_config() -> None:
+    config = kind.build_config(None, name="demo", cert_sans=["127.0.0.1"])
+    assert config == {
+        "kind": "Cluster",
+        "apiVersion": "kind.x-k8s.io/v1alpha4",
+        "name": "demo",
+        "networking": {"apiServerAddress": "0.0.0.0", "apiServerPort": 6443},
+        "kubeadmConfigPatches": [
+            "kind: ClusterConfiguration\n"
+            "apiServer:\n"
+            "  certSANs:\n"
+            "  - localhost\n"
+            "  - 0.0.0.0\n"
+            "  - 127.0.0.1\n"
+        ],
+    }
+
+
+def test_build_config_keeps_users_nodes_patches_and_networking() -> None:
+    user: dict[str, Any] = {
+        "kind": "Cluster",
+        "apiVersion": "kind.x-k8s.io/v1alpha4",
+        "name": "theirs",
+        "nodes": [{"role": "control-plane"}, {"role": "worker", "labels": {"a": "b"}}],
+        "networking": {
+            "podSubnet": "10.250.0.0/16",
+            "apiServerAddress": "127.0.0.1",
+            "apiServerPort": 1234,
+        },
+        "featureGates": {"Foo": True},
+        "kubeadmConfigPatches": [
+            "kind: ClusterConfiguration\napiServer:\n  certSANs: [my.example]\n",
+            "kind: InitConfiguration\nnodeRegistration:\n  kubeletExtraArgs: {v: '4'}\n",
+        ],
+    }
+    before = yaml.safe_dump(user)
+    config = kind.build_config(user, name="demo", cert_sans=["127.0.0.1"])
+    assert yaml.safe_dump(user) == before  # the caller's mapping is not modified
+    assert config["name"] == "demo"
+    assert config["nodes"] == user["nodes"]
+    assert config["featureGates"] == {"Foo": True}
+    assert config["networking"] == {
+        "podSubnet": "10.250.0.0/16",
+        "apiServerAddress": "0.0.0.0",
+        "apiServerPort": 6443,
+    }
+    assert config["kubeadmConfigPatches"][:2] == user["kubeadmConfigPatches"]
+    last = yaml.safe_load(config["kubeadmConfigPatches"][2])
+    # a merge patch replaces lists, so the user's SANs must be carried into the last patch
+    assert last == {
+        "kind": "ClusterConfiguration",
+        "apiServer": {"certSANs": ["my.example", "localhost", "0.0.0.0", "127.0.0.1"]},
+    }
+
+
+def test_build_config_nodes_count() -> None:
+    config = kind.build_config(None, name="demo", cert_sans=[], nodes=3)
+    assert config["nodes"] == [{"role": "control-plane"}, {"role": "worker"}, {"role": "worker"}]
+    assert kind.node_count(config) == 3
+    assert kind.node_count(kind.build_config(None, name="x", cert_sans=[])) == 1
+
+
+def test_build_config_rejects_nodes_twice_and_zero() -> None:
+    user = {"nodes": [{"role": "control-plane"}]}
+    with pytest.raises(ConfigError, match=r"either nodes=\.\.\. or a kind config with nodes"):
+        kind.build_config(user, name="demo", cert_sans=[], nodes=2)
+    with pytest.raises(ConfigError, match="at least 1, got 0"):
+        kind.build_config(None, name="demo", cert_sans=[], nodes=0)
+
+
+def test_argv_builders() -> None:
+    assert kind.create_argv(
+        "demo",
+        config_path="/kipik/demo/kind-config.yaml",
+        kubeconfig_path="/kipik/demo/kubeconfig",
+        image="kindest/node:v1.31.0",
+        wait_seconds=179.6,
+        retain=False,
+    ) == [
+        "kind", "create", "cluster", "--name", "demo",
+        "--config", "/kipik/demo/kind-config.yaml",
+        "--image", "kindest/node:v1.31.0",
+        "--kubeconfig", "/kipik/demo/kubeconfig",
+        "--wait", "179s",
+    ]  # fmt: skip
+    assert kind.create_argv(
+        "demo", config_path="c", kubeconfig_path="k", image=None, wait_seconds=0.2, retain=True
+    ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
+          "--wait", "1s", "--retain"]  # fmt: skip
+    assert kind.get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
+    assert kind.delete_argv("demo") == ["kind", "delete", "cluster", "--name", "demo"]
+    assert kind.export_logs_argv("demo", "/tmp/l") == [
+        "kind", "export", "logs", "/tmp/l", "--name", "demo",
+    ]  # fmt: skip
+    assert kind.ClusterPaths.for_cluster("demo") == kind.ClusterPaths(
+        config="/kipik/demo/kind-config.yaml", kubeconfig="/kipik/demo/kubeconfig"
+    )
+
+
+def test_validate_accepts_a_full_config() -> None:
+    text = HEADER + (
+        "name: x\n"
+        "nodes:\n"
+        "- role: control-plane\n"
+        "  extraPortMappings:\n"
+        "  - {containerPort: 80, hostPort: 8080, listenAddress: 127.0.0.1, protocol: TCP}\n"
+        "  extraMounts: [{hostPath: /tmp, containerPath: /data, readOnly: true}]\n"
+        "- role: worker\n"
+        "  labels: {tier: db}\n"
+        "networking: {podSubnet: 10.1.0.0/16, disableDefaultCNI: true, kubeProxyMode: ipvs}\n"
+        "featureGates: {Foo: true}\n"
+        "kubeadmConfigPatches:\n"
+        "- |\n"
+        "  kind: ClusterConfiguration\n"
+    )
+    data = kind.validate_user_config(text)
+    assert data["nodes"][1] == {"role": "worker", "labels": {"tier": "db"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("nodes: [", "not valid YAML: "),
+        ("- a\n- b\n", "expected a kind Cluster mapping with kind and apiVersion"),
+        ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha3\n",
+         "apiVersion must be 'kind.x-k8s.io/v1alpha4' (the one kind supports), "
+         "found 'kind.x-k8s.io/v1alpha3'"),
+        ("kind: Config\napiVersion: kind.x-k8s.io/v1alpha4\n",
+         "kind must be 'Cluster', found 'Config'"),
+        (HEADER + "nodez: []\n", "line 3: unknown field 'nodez' in Cluster (known fields: "),
+        (HEADER + "networking:\n  apiServerPorts: 1\n",
+         "line 4: unknown field 'apiServerPorts' in Cluster.networking"),
+        (HEADER + "nodes:\n- role: worker\n  imag: x\n",
+         "line 5: unknown field 'imag' in Cluster.nodes[0]"),
+        (HEADER + "nodes:\n- role: boss\n", "nodes[0].role is 'boss': use one of"),
+        (HEADER + "nodes:\n- role: worker\n",
+         "nodes needs at least one node with role control-plane"),
+        (HEADER + "nodes: {role: worker}\n", "line 3: Cluster.nodes must be a list"),
+        (HEADER + "kubeadmConfigPatches:\n- 'a: [b'\n",
+         "kubeadmConfigPatches[0] is not valid YAML"),
+    ],
+)  # fmt: skip
+def test_validate_rejects_like_kind(body: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        kind.validate_user_config(body)
+    assert str(info.value).startswith(message)
+
+
+def test_load_user_config_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "kind.yaml"
+    path.write_text(HEADER + "nodez: []\n")
+    with pytest.raises(ConfigError) as info:
+        kind.load_user_config(path)
+    assert str(info.value).startswith(f"kind config file {path}: line 3: unknown field 'nodez'")

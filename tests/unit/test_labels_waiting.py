@@ -1,0 +1,81 @@
+import datetime as dt
+import os
+import socket
+
+import pytest
+
+from pytest_kipik import labels
+from pytest_kipik.errors import ReadinessTimeout
+from pytest_kipik.waiting import NotYet, wait_until
+
+
+def test_cluster_names() -> None:
+    assert labels.cluster_name("kipik", "1a2b3c4d", None, 1) == "kipik-1a2b3c4d"
+    assert labels.cluster_name("kipik", "1a2b3c4d", "gw1", 1) == "kipik-1a2b3c4d-gw1"
+    assert labels.cluster_name("ci", "1a2b3c4d", "gw0", 3) == "ci-1a2b3c4d-gw0-3"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("ok.name-1", None),
+        ("Bad_Name", "'Bad_Name' is not a valid cluster name: kind requires names matching "
+                     "^[a-z0-9.-]+$"),
+        ("x" * 41, f"'{'x' * 41}' is too long: at most 40 characters"),
+    ],
+)  # fmt: skip
+def test_check_cluster_name(name: str, problem: str | None) -> None:
+    assert labels.check_cluster_name(name) == problem
+
+
+def test_owner_labels() -> None:
+    now = dt.datetime(2026, 11, 22, 3, 4, 5, tzinfo=dt.timezone.utc)
+    got = labels.owner_labels(
+        run_id="r1", cluster="c", role="dind", worker=None, keep=False, now=now
+    )
+    assert got == {
+        "kipik.io/run-id": "r1",
+        "kipik.io/cluster": "c",
+        "kipik.io/role": "dind",
+        "kipik.io/owner-host": socket.gethostname(),
+        "kipik.io/owner-pid": str(os.getpid()),
+        "kipik.io/created-at": "2026-11-22T03:04:05Z",
+        "kipik.io/worker": "main",
+    }
+    kept = labels.owner_labels(run_id="r1", cluster="c", role="dind", worker="gw0", keep=True)
+    assert (kept["kipik.io/keep"], kept["kipik.io/worker"]) == ("true", "gw0")
+
+
+def test_wait_until_returns_once_the_check_passes() -> None:
+    seen = []
+
+    def check() -> str:
+        seen.append(1)
+        if len(seen) < 3:
+            raise NotYet(f"attempt {len(seen)}")
+        return "done"
+
+    assert wait_until(check, what="x", timeout=10, hint="h", interval=0.01) == "done"
+    assert len(seen) == 3
+
+
+def test_wait_until_reports_what_it_awaited_and_the_last_state() -> None:
+    attempts = []
+
+    def check() -> None:
+        attempts.append(1)
+        raise NotYet(f"state {len(attempts)}")
+
+    with pytest.raises(ReadinessTimeout) as info:
+        wait_until(check, what="the thing", timeout=0.05, hint="look there", interval=0.01)
+    assert str(info.value).startswith("timed out after 0s waiting for the thing\n")
+    assert f"  last state seen: state {len(attempts)}\n" in str(info.value)
+    assert str(info.value).endswith("  hint: look there")
+
+
+def test_wait_until_lets_other_errors_through() -> None:
+    def check() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        wait_until(check, what="x", timeout=5, hint="h")
