@@ -32,7 +32,7 @@ def test_configmap_round_trip(nested_client: client.ApiClient) -> None:
         core.delete_namespaced_config_map(name, "default")
 
 
-def test_namespace_gets_its_default_service_account(nested_cluster: NestedCluster) -> None:
+def test_namespace_create_and_delete(nested_cluster: NestedCluster) -> None:
     core = nested_cluster.core_v1
     name = f"example-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
