@@ -279,8 +279,6 @@ class ClusterFactory:
                 undo.callback(self._close_client, cluster)
                 readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
             undo.pop_all()
-        if self.config.keep:
-            say(cluster.how_to_reach())
         return cluster
 
     @staticmethod

@@ -72,10 +72,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def _reporter(config: pytest.Config) -> Reporter:
+    """Progress lines straight to the terminal, past output capturing (like live logging)."""
     terminal = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     if terminal is None:  # e.g. an xdist worker: progress goes to the log only
         return lambda line: None
-    return terminal.write_line  # type: ignore[no-any-return]
+
+    def report(line: str) -> None:
+        if capture is None:
+            terminal.write_line(line)
+            return
+        with capture.global_and_fixture_disabled():
+            terminal.write_line(line)
+
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,9 @@ def test_kubeconfig_is_private_and_reachable(nested_cluster, nested_kubeconfig):
     assert stat.S_IMODE(os.stat(nested_kubeconfig.parent).st_mode) == 0o700
     assert nested_cluster.server.startswith("https://127.0.0.1:")
     assert nested_cluster.server in nested_kubeconfig.read_text()
-    assert client.Configuration.get_default_copy().host == "http://localhost"
+    # the client global default configuration is untouched
+    assert client.Configuration.get_default_copy().host == client.Configuration().host
+    assert nested_cluster.server not in client.Configuration.get_default_copy().host
 
 def test_second_cluster_from_the_factory(nested_cluster_factory, nested_cluster):
     other = nested_cluster_factory.create(nodes=2)
