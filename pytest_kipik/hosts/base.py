@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,8 +48,13 @@ class Host(Protocol):
         *,
         timeout: float,
         on_output: OutputSink | None = None,
+        stdin: Iterable[bytes] | None = None,
     ) -> CommandResult:
-        """Run ``argv`` inside the host (no shell), bounded by ``timeout`` seconds."""
+        """Run ``argv`` inside the host (no shell), bounded by ``timeout`` seconds.
+
+        ``stdin`` is streamed to the command and then closed; stderr lines go to ``on_output``
+        as they come.
+        """
         ...
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import socket
 import tarfile
 import time
@@ -20,7 +21,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 from docker.models.volumes import Volume
-from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
+from docker.utils.socket import STDOUT, frames_iter
 
 from pytest_kipik import labels as lbl
 from pytest_kipik.errors import DockerUnavailableError, HostError, ImageError
@@ -84,6 +85,30 @@ def _engine_address(client: docker.DockerClient) -> str:
     if url.scheme in ("http", "https", "tcp") and url.hostname not in (None, "localhost"):
         return str(url.hostname)
     return "127.0.0.1"
+
+
+class _Lines:
+    """Collects one output stream; forwards complete lines to a sink when asked."""
+
+    def __init__(self, sink: OutputSink | None) -> None:
+        self.sink = sink
+        self.chunks: list[bytes] = []
+        self.pending = b""
+
+    def add(self, data: bytes, *, forward: bool) -> None:
+        self.chunks.append(data)
+        if forward and self.sink is not None:
+            *lines, self.pending = (self.pending + data).split(b"\n")
+            for line in lines:
+                self.sink(line.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self.pending and self.sink is not None:
+            self.sink(self.pending.decode("utf-8", "replace"))
+        self.pending = b""
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
 
 
 class DockerHost:
@@ -228,77 +253,42 @@ class DockerHost:
         *,
         timeout: float,
         on_output: OutputSink | None = None,
+        stdin: Iterable[bytes] | None = None,
     ) -> CommandResult:
-        """Run ``argv`` in the DinD container, streaming lines to ``on_output``."""
+        """Run ``argv`` in the DinD container; ``stdin`` goes in, stderr lines to ``on_output``."""
         container = self._running()
         args = list(argv)
-        where = ["docker", "exec", self._name]
+        where = ["docker", "exec", *(["-i"] if stdin is not None else []), self._name]
         log_command(args, where)
         api = self.client.api
 
         def run() -> CommandResult:
-            exec_id = api.exec_create(container.id, args, stdout=True, stderr=True)["Id"]
-            out: list[bytes] = []
-            err: list[bytes] = []
-            pending = b""
-            for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
-                if stdout:
-                    out.append(stdout)
-                if stderr:
-                    err.append(stderr)
-                    if on_output is not None:
-                        *lines, pending = (pending + stderr).split(b"\n")
-                        for line in lines:
-                            on_output(line.decode("utf-8", "replace"))
-            if pending and on_output is not None:
-                on_output(pending.decode("utf-8", "replace"))
-            code = api.exec_inspect(exec_id)["ExitCode"]
-            return CommandResult(
-                args,
-                int(code if code is not None else -1),
-                b"".join(out).decode("utf-8", "replace"),
-                b"".join(err).decode("utf-8", "replace"),
-                where=where,
-            )
-
-        return bounded(run, timeout=timeout, what=f"`{' '.join(where + args)}`")
-
-    def exec_with_stdin(
-        self, argv: Sequence[str], chunks: Iterable[bytes], *, timeout: float
-    ) -> CommandResult:
-        """Run ``argv`` in the DinD container with ``chunks`` streamed to its stdin."""
-        container = self._running()
-        args = list(argv)
-        where = ["docker", "exec", "-i", self._name]
-        log_command(args, where)
-        api = self.client.api
-
-        def run() -> CommandResult:
-            exec_id = api.exec_create(container.id, args, stdin=True, stdout=True, stderr=True)[
-                "Id"
-            ]
+            exec_id = api.exec_create(
+                container.id, args, stdin=stdin is not None, stdout=True, stderr=True
+            )["Id"]
+            # The SDK hands back the hijacked HTTP connection; the socket beneath it is written
+            # to, half-closed so the command sees the end of its input, and closed at the end.
             sock: Any = api.exec_start(exec_id, socket=True)
-            # The SDK hands back the hijacked HTTP connection; write to the socket beneath it
-            # and half-close it so the command sees the end of its input.
             raw: Any = getattr(sock, "_sock", sock)
+            out = _Lines(on_output)
+            err = _Lines(on_output)
             try:
-                for chunk in chunks:
-                    raw.sendall(chunk)
-                raw.shutdown(socket.SHUT_WR)
-                frames = (demux_adaptor(*frame) for frame in frames_iter(sock, False))  # type: ignore[no-untyped-call]
-                stdout, stderr = consume_socket_output(frames, demux=True)
+                if stdin is not None:
+                    for chunk in stdin:
+                        raw.sendall(chunk)
+                    raw.shutdown(socket.SHUT_WR)
+                for stream, data in frames_iter(sock, False):  # type: ignore[no-untyped-call]
+                    (out if stream == STDOUT else err).add(data, forward=stream != STDOUT)
             finally:
                 sock.close()
+                raw.close()
+            err.flush()
             code = api.exec_inspect(exec_id)["ExitCode"]
             return CommandResult(
-                args,
-                int(code if code is not None else -1),
-                (stdout or b"").decode("utf-8", "replace"),
-                (stderr or b"").decode("utf-8", "replace"),
-                where=where,
+                args, -1 if code is None else int(code), out.text(), err.text(), where=where
             )
 
-        return bounded(run, timeout=timeout, what=f"`{' '.join(where + args)}`")
+        return bounded(run, timeout=timeout, what=f"`{shlex.join(where + args)}`")
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         """Put one file into the DinD container (parent directories included)."""
@@ -328,7 +318,7 @@ class DockerHost:
             return False
         named = image if image in local.tags else (local.tags[0] if local.tags else image)
         chunks: Iterator[bytes] = local.save(chunk_size=_STREAM_CHUNK, named=named)
-        result = self.exec_with_stdin(["docker", "load", "--quiet"], chunks, timeout=timeout)
+        result = self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
         if result.exit_code != 0:
             raise HostError(
                 f"streaming {image} into {self._name} failed: {result.stderr.strip()}\n"

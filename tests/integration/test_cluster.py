@@ -151,12 +151,12 @@ def test_kind_failure_shows_kind_stderr_and_daemon_log(
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(
-        f"--kipik-image={test_images[0]}", "--kipik-node-image=does-not-exist:v0"
+        f"--kipik-image={test_images[0]}", "--kipik-node-image=127.0.0.1:9/kipik-test/missing-node:v0"
     )
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
     assert "kind failed to create cluster" in out
-    assert 'failed to pull image "does-not-exist:v0"' in out
+    assert 'failed to pull image "127.0.0.1:9/kipik-test/missing-node:v0"' in out
     assert "last 50 lines of the inner Docker daemon's log:" in out
     assert owned(docker_client) == []
 
@@ -165,10 +165,10 @@ def test_unknown_dind_image_is_named(
     pytester: pytest.Pytester, docker_client: docker.DockerClient
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
-    result = pytester.runpytest_subprocess("--kipik-image=kipik-test/no-such-image:v0")
+    result = pytester.runpytest_subprocess("--kipik-image=127.0.0.1:9/kipik-test/no-such-image:v0")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*the image 'kipik-test/no-such-image:v0' is not present on the Docker engine and "
+        ["*the image '127.0.0.1:9/kipik-test/no-such-image:v0' is not present on the Docker engine and "
          "pulling it failed*"]
     )  # fmt: skip
     assert owned(docker_client) == []
@@ -196,7 +196,7 @@ def test_factory_works_without_pytest(
 def test_kind_error_leaves_nothing_when_used_directly(
     test_images: tuple[str, str], docker_client: docker.DockerClient
 ) -> None:
-    config = KipikConfig(image=test_images[0], node_image="does-not-exist:v0", timeout=120)
+    config = KipikConfig(image=test_images[0], node_image="127.0.0.1:9/kipik-test/missing-node:v0", timeout=120)
     with ClusterFactory(config, report=lambda line: None) as factory:
         with pytest.raises(KindError) as info:
             factory.create()
