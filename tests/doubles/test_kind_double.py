@@ -486,7 +486,13 @@ def test_cluster_lifecycle(home: Path, node_image: str, cluster_name: str) -> No
 
     node = f"{cluster_name}-control-plane"
     inspect = json.loads(docker_out("inspect", node))[0]
-    assert inspect["Config"]["Labels"] == {
+    image_labels = json.loads(
+        docker_out("inspect", "--format", "{{json .Config.Labels}}", inspect["Image"])
+    )
+    container_labels = {
+        k: v for k, v in inspect["Config"]["Labels"].items() if k not in (image_labels or {})
+    }
+    assert container_labels == {
         "io.x-k8s.kind.cluster": cluster_name,
         "io.x-k8s.kind.role": "control-plane",
     }

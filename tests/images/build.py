@@ -9,14 +9,14 @@ Two images come out of it, each starting from a Debian root filesystem made with
 pulled here:
 
 - ``kipik-test/dind:dev``: the Docker-in-Docker image, started exactly like the default image in
-  ``image/`` (same entrypoint, runc wrapper, volume, healthcheck and ``kipik.io/`` labels: the block
+  ``image/`` (same entrypoint, runc wrapper, volume, healthcheck and labels: the block
   between the ``kipik:common`` markers of ``image/Dockerfile`` is reused verbatim), with the kind
   test double from ``tests/doubles/kind/kind`` as ``/usr/local/bin/kind``.
 - ``kipik-test/node:dev``: the node-image double: ``tests/doubles/node/`` as ``/kipik-node/``.
 
 Everything is cached by content: a root filesystem is tagged ``kipik-test/rootfs-<name>:<hash of
 suite, variant, architecture, packages and options>`` and is built only when that tag is missing;
-a final image carries ``kipik.io/test-image-hash`` (over every input file, the Dockerfile text and
+a final image carries ``kipik-test.image-hash`` (over every input file, the Dockerfile text and
 the root filesystem tag) and is rebuilt only when that hash changes. Needs a Docker engine, and,
 when a root filesystem must be built, root and mmdebstrap (``apt-get install mmdebstrap``).
 """
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +59,7 @@ DPKG_OPTIONS = (
 )
 ROOTFS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-HASH_LABEL = "kipik.io/test-image-hash"
+HASH_LABEL = "kipik-test.image-hash"
 COMMON_BEGIN = "# kipik:common begin"
 COMMON_END = "# kipik:common end"
 # Caches that appear in a double's folder when it is run or linted; they are not inputs.
@@ -92,7 +92,7 @@ class Rootfs:
                 "arch": arch,
                 "packages": sorted(self.packages),
                 "dpkg_options": list(DPKG_OPTIONS),
-                "path": ROOTFS_PATH,
+                "import_changes": import_changes(self.packages),
             },
             sort_keys=True,
         )
@@ -164,7 +164,7 @@ RUN ln -s /kipik-node/kubeadm /usr/local/bin/kubeadm \\
        done
 LABEL org.opencontainers.image.title="kipik-test-node" \\
       org.opencontainers.image.description="pytest-kipik kind node image double" \\
-      kipik.io/image="node"
+      kipik-test.image="node"
 STOPSIGNAL SIGRTMIN+3
 ENTRYPOINT ["/kipik-node/entrypoint"]
 """
@@ -298,6 +298,15 @@ def image_id(client: docker.DockerClient, tag: str) -> str | None:
     return found
 
 
+def import_changes(packages: Sequence[str]) -> list[str]:
+    """The Dockerfile instructions `docker import` applies to a root filesystem."""
+    return [
+        f"ENV PATH={ROOTFS_PATH}",
+        f'LABEL kipik-test.rootfs-packages="{",".join(packages)}"',
+        f'LABEL kipik-test.rootfs-suite="{SUITE}"',
+    ]
+
+
 def engine_arch(client: docker.DockerClient) -> str:
     """The engine's architecture, in Debian's (and Docker's) spelling."""
     machine = str(client.version().get("Arch", "")) or os.uname().machine
@@ -335,11 +344,7 @@ def build_rootfs(client: docker.DockerClient, rootfs: Rootfs, tag: str, arch: st
                     + "\n".join(output)
                 )
         repository, _, version = tag.partition(":")
-        changes = [
-            f"ENV PATH={ROOTFS_PATH}",
-            f'LABEL kipik.io/rootfs-packages="{",".join(rootfs.packages)}"',
-            f'LABEL kipik.io/rootfs-suite="{SUITE}"',
-        ]
+        changes = import_changes(rootfs.packages)
         with step(f"{tag}: docker import ({tarball.stat().st_size / 2**20:.0f} MiB)"):
             client.api.import_image_from_file(
                 str(tarball), repository=repository, tag=version, changes=changes

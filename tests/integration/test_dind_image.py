@@ -27,7 +27,7 @@ NODE_IMAGE = "kipik-test/node:dev"
 SOCKET = "unix:///var/run/docker.sock"
 READY_MARKER = "/run/kipik-dind-ready"
 CAPFIX_RUNTIME = "kipik-runc-capfix"
-OWNER_LABEL = "kipik.io/test-owner"
+OWNER_LABEL = "kipik-test.owner"
 OWNER = "tests/integration/test_dind_image.py"
 CAP_SYS_RESOURCE = 24
 
