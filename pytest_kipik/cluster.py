@@ -22,7 +22,7 @@ from pytest_kipik.hosts import docker as docker_host
 from pytest_kipik.hosts.base import Host
 from pytest_kipik.image import ensure_default_image
 from pytest_kipik.process import CommandResult, run
-from pytest_kipik.progress import Reporter, phase, stderr_reporter
+from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
 
 
 class NestedCluster:
@@ -257,6 +257,7 @@ class ClusterFactory:
                     image=node_image,
                     timeout=left(),
                     retain=self.config.keep,
+                    on_output=lambda line: log.info("kind %s: %s", name, line),
                 )
             with phase(say, name, "kubeconfig + readiness"):
                 endpoint = host.api_endpoint(kind.API_SERVER_PORT)

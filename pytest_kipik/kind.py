@@ -232,14 +232,16 @@ def create_argv(
     config_path: str,
     kubeconfig_path: str,
     image: str | None,
-    wait_seconds: float,
+    wait_seconds: float | None,
     retain: bool,
 ) -> list[str]:
-    """``kind create cluster`` for one cluster."""
+    """``kind create cluster`` for one cluster (``--wait`` only when ``wait_seconds`` is given)."""
     argv = ["kind", "create", "cluster", "--name", name, "--config", config_path]
     if image:
         argv += ["--image", image]
-    argv += ["--kubeconfig", kubeconfig_path, "--wait", f"{max(int(wait_seconds), 1)}s"]
+    argv += ["--kubeconfig", kubeconfig_path]
+    if wait_seconds is not None:
+        argv += ["--wait", f"{max(int(wait_seconds), 1)}s"]
     if retain:
         argv.append("--retain")
     return argv
@@ -278,7 +280,11 @@ class KindDriver:
         retain: bool,
         on_output: OutputSink | None = None,
     ) -> None:
-        """Write ``config`` into the host and run ``kind create cluster`` with it."""
+        """Write ``config`` into the host and run ``kind create cluster`` with it.
+
+        kind is not asked to ``--wait``: kipik's own readiness checks follow, with the time that
+        is left, and say precisely what they waited for (kind's wait exits 0 when it times out).
+        """
         name = str(config["name"])
         paths = ClusterPaths.for_cluster(name)
         self.host.write_file(paths.config, dump_config(config).encode())
@@ -287,11 +293,11 @@ class KindDriver:
             config_path=paths.config,
             kubeconfig_path=paths.kubeconfig,
             image=image,
-            wait_seconds=timeout,
+            wait_seconds=None,
             retain=retain,
         )
         try:
-            self.host.exec(argv, timeout=timeout + 30, on_output=on_output).check()
+            self.host.exec(argv, timeout=timeout, on_output=on_output).check()
         except CommandError as exc:
             raise self._fail(f"create cluster {name!r}", exc) from None
 

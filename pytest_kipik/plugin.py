@@ -18,6 +18,7 @@ from pytest_kipik.config import SETTINGS, KipikConfig, resolve
 from pytest_kipik.errors import ConfigError, DockerUnavailableError, KipikError
 from pytest_kipik.hosts.docker import engine_location
 from pytest_kipik.progress import Reporter
+from pytest_kipik.signals import terminate_as_interrupt
 
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
 
@@ -108,8 +109,10 @@ def nested_cluster_factory(
         factory.connect()
     except DockerUnavailableError as exc:
         pytest.exit(f"pytest-kipik: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
-    yield factory
-    for problem in factory.close():
+    with terminate_as_interrupt():
+        yield factory
+        problems = factory.close()
+    for problem in problems:
         warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {problem}"), stacklevel=1)
 
 

@@ -158,7 +158,11 @@ class DockerHost:
                 detach=True,
                 privileged=True,
                 labels=self.labels,
-                volumes={self.volume_name: {"bind": "/var/lib/docker", "mode": "rw"}},
+                volumes={
+                    self.volume_name: {"bind": "/var/lib/docker", "mode": "rw"},
+                    # kind binds /lib/modules into its nodes (kube-proxy loads modules)
+                    "/lib/modules": {"bind": "/lib/modules", "mode": "ro"},
+                },
                 ports={f"{port}/tcp": (bind_ip, None) for port in self.inner_ports},
             )
         except docker.errors.ImageNotFound as exc:

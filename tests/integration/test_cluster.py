@@ -90,8 +90,12 @@ def test_failing_tests_still_tear_down(
     assert owned(docker_client) == []
 
 
-def test_ctrl_c_during_kind_create_leaves_nothing(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_during_kind_create_leaves_nothing(
+    pytester: pytest.Pytester,
+    test_images: tuple[str, str],
+    docker_client: docker.DockerClient,
+    signum: signal.Signals,
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     proc = subprocess.Popen(
@@ -111,7 +115,7 @@ def test_ctrl_c_during_kind_create_leaves_nothing(
         assert time.monotonic() < deadline, "".join(seen)
     else:
         pytest.fail("pytest ended before kind create:\n" + "".join(seen))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     rest, _ = proc.communicate(timeout=120)
     out = "".join(seen) + rest
     assert "KeyboardInterrupt" in out
@@ -151,7 +155,8 @@ def test_kind_failure_shows_kind_stderr_and_daemon_log(
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(
-        f"--kipik-image={test_images[0]}", "--kipik-node-image=127.0.0.1:9/kipik-test/missing-node:v0"
+        f"--kipik-image={test_images[0]}",
+        "--kipik-node-image=127.0.0.1:9/kipik-test/missing-node:v0",
     )
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
@@ -168,8 +173,8 @@ def test_unknown_dind_image_is_named(
     result = pytester.runpytest_subprocess("--kipik-image=127.0.0.1:9/kipik-test/no-such-image:v0")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*the image '127.0.0.1:9/kipik-test/no-such-image:v0' is not present on the Docker engine and "
-         "pulling it failed*"]
+        ["*the image '127.0.0.1:9/kipik-test/no-such-image:v0' is not present on the Docker "
+         "engine and pulling it failed*"]
     )  # fmt: skip
     assert owned(docker_client) == []
 
@@ -196,7 +201,9 @@ def test_factory_works_without_pytest(
 def test_kind_error_leaves_nothing_when_used_directly(
     test_images: tuple[str, str], docker_client: docker.DockerClient
 ) -> None:
-    config = KipikConfig(image=test_images[0], node_image="127.0.0.1:9/kipik-test/missing-node:v0", timeout=120)
+    config = KipikConfig(
+        image=test_images[0], node_image="127.0.0.1:9/kipik-test/missing-node:v0", timeout=120
+    )
     with ClusterFactory(config, report=lambda line: None) as factory:
         with pytest.raises(KindError) as info:
             factory.create()
@@ -213,3 +220,47 @@ def test_examples_pass_against_a_nested_cluster(
         f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
     )  # fmt: skip
     result.assert_outcomes(passed=4)
+
+
+def test_readiness_timeout_names_the_check_and_cleans_up(
+    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+) -> None:
+    # without a CNI, kind's nodes never become Ready (the double behaves like kind here)
+    (pytester.path / "kind.yaml").write_text(
+        "kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\n"
+        "networking:\n  disableDefaultCNI: true\n"
+    )
+    pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        *_images_args(test_images), "--kipik-kind-config=kind.yaml", "--kipik-timeout=30s"
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*timed out after *s waiting for all 1 node(s) to be Ready",
+            "*last state seen: 1/1 nodes [[]kipik-*-control-plane: Ready=False[]]",
+            "*hint: nodes become Ready once the CNI runs*",
+        ]
+    )
+    assert owned(docker_client) == []
+
+
+def test_xdist_workers_get_their_own_clusters(
+    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+) -> None:
+    for index in (1, 2):
+        pytester.makepyfile(
+            **{
+                f"test_w{index}": """
+                import os
+
+                def test_cluster(nested_cluster):
+                    worker = os.environ["PYTEST_XDIST_WORKER"]
+                    assert nested_cluster.name.endswith("-" + worker)
+                    assert nested_cluster.core_v1.list_node().items
+                """
+            }
+        )
+    result = pytester.runpytest_subprocess(*_images_args(test_images), "-n", "2")
+    result.assert_outcomes(passed=2)
+    assert owned(docker_client) == []

@@ -96,6 +96,9 @@ def test_argv_builders() -> None:
         "--wait", "179s",
     ]  # fmt: skip
     assert kind.create_argv(
+        "demo", config_path="c", kubeconfig_path="k", image=None, wait_seconds=None, retain=False
+    ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k"]
+    assert kind.create_argv(
         "demo", config_path="c", kubeconfig_path="k", image=None, wait_seconds=0.2, retain=True
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
           "--wait", "1s", "--retain"]  # fmt: skip

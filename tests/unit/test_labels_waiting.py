@@ -79,3 +79,34 @@ def test_wait_until_lets_other_errors_through() -> None:
 
     with pytest.raises(ValueError, match="boom"):
         wait_until(check, what="x", timeout=5, hint="h")
+
+
+def test_sigterm_becomes_an_interrupt_once_then_is_ignored() -> None:
+    import os
+    import signal
+
+    from pytest_kipik.signals import terminate_as_interrupt
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with terminate_as_interrupt():
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received"):
+            os.kill(os.getpid(), signal.SIGTERM)  # os.kill runs pending handlers before returning
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored while cleanup runs
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_existing_sigterm_handler_is_left_alone() -> None:
+    import signal
+
+    from pytest_kipik.signals import terminate_as_interrupt
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("not called here")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
