@@ -81,7 +81,7 @@ def by_hand(image: str, node_image: str, workdir: Path) -> dict[str, float]:
            stdin=KIND_CONFIG.encode())  # fmt: skip
         sh("docker", "exec", name, "kind", "create", "cluster", "--name", "b",
            "--config", "/k/c.yaml", "--image", node_image,
-           "--kubeconfig", "/k/kc", "--wait", "300s")  # fmt: skip
+           "--kubeconfig", "/k/kc")  # fmt: skip
         mark("kind create")
         port = sh("docker", "port", name, "6443/tcp").split(":")[-1].strip()
         text = sh("docker", "exec", name, "kind", "get", "kubeconfig", "--name", "b")
