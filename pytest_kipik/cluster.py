@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -323,6 +323,3 @@ class ClusterFactory:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-__all__: Sequence[str] = ["ClusterFactory", "NestedCluster"]

@@ -13,6 +13,8 @@ import docker
 import docker.errors
 import pytest
 
+from pytest_kipik.hosts.docker import list_owned
+
 DIND_IMAGE = "kipik-test/dind:dev"
 NODE_IMAGE = "kipik-test/node:dev"
 BUILD_HINT = "build them with: python3 tests/images/build.py"
@@ -48,9 +50,8 @@ def test_images(docker_client: docker.DockerClient) -> tuple[str, str]:
 
 
 def owned(client: docker.DockerClient) -> list[str]:
-    """Names of every container and volume labelled by kipik (kept ones included)."""
-    containers = client.containers.list(all=True, filters={"label": "kipik.io/run-id"})
-    volumes = client.volumes.list(filters={"label": "kipik.io/run-id"})
+    """Names of every container and volume kipik created (kept ones included)."""
+    containers, volumes = list_owned(client)
     return sorted(
         [f"container {c.name}" for c in containers] + [f"volume {v.name}" for v in volumes]
     )

@@ -351,12 +351,11 @@ class DockerHost:
             return f"(container output unavailable: {exc})"
 
 
-def list_owned(client: docker.DockerClient, **match: str) -> tuple[list[Any], list[Any]]:
-    """Containers and volumes carrying ``kipik.io/`` labels (narrowed by ``match``)."""
-    if match:
-        filters = [f"{lbl.PREFIX}{key.replace('_', '-')}={value}" for key, value in match.items()]
-    else:
-        filters = [lbl.RUN_ID]
-    containers = client.containers.list(all=True, filters={"label": filters})
-    volumes = client.volumes.list(filters={"label": filters})
+def list_owned(
+    client: docker.DockerClient, run_id: str | None = None
+) -> tuple[list[Container], list[Volume]]:
+    """Containers and volumes kipik created (all runs, or the run ``run_id``)."""
+    selector = f"{lbl.RUN_ID}={run_id}" if run_id else lbl.RUN_ID
+    containers = client.containers.list(all=True, filters={"label": selector})
+    volumes = client.volumes.list(filters={"label": selector})
     return containers, volumes
