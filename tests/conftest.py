@@ -7,7 +7,11 @@ under ``CI=true``, where they fail: CI sets the engine up itself, so a missing e
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -55,6 +59,32 @@ def owned(client: docker.DockerClient) -> list[str]:
     return sorted(
         [f"container {c.name}" for c in containers] + [f"volume {v.name}" for v in volumes]
     )
+
+
+@contextmanager
+def kept_cluster(output: str, client: docker.DockerClient) -> Iterator[Path]:
+    """Read what ``--kipik-keep`` printed; yield the kubeconfig, then run the printed removal.
+
+    Afterwards nothing kipik made may remain.
+    """
+    use = re.search(r"use it:\s+kubectl --kubeconfig (\S+) get nodes", output)
+    remove = re.search(r"remove it: (.+)", output)
+    assert use, output
+    assert remove, output
+    try:
+        yield Path(use.group(1))
+    finally:
+        subprocess.run(["bash", "-c", remove.group(1)], check=True, timeout=120)
+    assert owned(client) == []
+
+
+def assert_kubectl_sees_a_ready_node(kubeconfig: Path) -> None:
+    """``kubectl get nodes`` with this kubeconfig lists a Ready control-plane node."""
+    nodes = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "get", "nodes", "--no-headers"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert re.search(r"-control-plane\s+Ready\s", nodes.stdout), nodes.stdout
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ kind's own). Run it with ``pytest -m e2e tests/e2e``.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 from pathlib import Path
 
 import docker
 import pytest
 
-from tests.conftest import owned
+from tests.conftest import assert_kubectl_sees_a_ready_node, kept_cluster, owned
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,17 +52,5 @@ def test_real_kind_kept_cluster_answers_kubectl(
         *_node_image_args(), "--kipik-keep", "--kipik-timeout=10m"
     )
     result.assert_outcomes(passed=1)
-    out = result.stdout.str()
-    use = re.search(r"use it:\s+kubectl --kubeconfig (\S+) get nodes", out)
-    remove = re.search(r"remove it: (.+)", out)
-    assert use, out
-    assert remove, out
-    try:
-        nodes = subprocess.run(
-            ["kubectl", "--kubeconfig", use.group(1), "get", "nodes", "--no-headers"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        assert re.search(r"-control-plane\s+Ready\s", nodes.stdout), nodes.stdout
-    finally:
-        subprocess.run(["bash", "-c", remove.group(1)], check=True, timeout=120)
-    assert owned(docker_client) == []
+    with kept_cluster(result.stdout.str(), docker_client) as kubeconfig:
+        assert_kubectl_sees_a_ready_node(kubeconfig)

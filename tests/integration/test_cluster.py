@@ -18,7 +18,7 @@ import pytest
 
 from pytest_kipik import ClusterFactory, KindError, KipikConfig
 from pytest_kipik.config import resolve
-from tests.conftest import owned
+from tests.conftest import assert_kubectl_sees_a_ready_node, kept_cluster, owned
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,23 +130,10 @@ def test_keep_prints_a_working_kubeconfig_and_removal(
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(*_images_args(test_images), "--kipik-keep")
     result.assert_outcomes(passed=1)
-    out = result.stdout.str()
-    use = re.search(r"use it:\s+(kubectl --kubeconfig (\S+) get nodes)", out)
-    remove = re.search(r"remove it: (.+)", out)
-    assert use, out
-    assert remove, out
-    try:
-        kubeconfig = Path(use.group(2))
+    with kept_cluster(result.stdout.str(), docker_client) as kubeconfig:
         assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
-        nodes = subprocess.run(
-            ["kubectl", "--kubeconfig", str(kubeconfig), "get", "nodes", "--no-headers"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        assert re.search(r"-control-plane\s+Ready\s", nodes.stdout), nodes.stdout
+        assert_kubectl_sees_a_ready_node(kubeconfig)
         assert owned(docker_client) != []
-    finally:
-        subprocess.run(["bash", "-c", remove.group(1)], check=True, timeout=120)
-    assert owned(docker_client) == []
     assert not kubeconfig.parent.exists()
 
 

@@ -82,6 +82,17 @@ def not_found(resource: str, name: str) -> ApiError:
     )
 
 
+def conflict(resource: str, name: str) -> ApiError:
+    """409 for an update whose resourceVersion is not the stored one."""
+    return ApiError(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+        {"name": name, "kind": resource},
+    )
+
+
 def unknown_resource() -> ApiError:
     return ApiError(404, "NotFound", "the server could not find the requested resource", {})
 
@@ -783,13 +794,7 @@ class Api:
             )
         wanted = body["metadata"].get("resourceVersion")
         if wanted and wanted != old["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
-                "modified; please apply your changes to the latest version and try again",
-                {"name": name, "kind": resource},
-            )
+            raise conflict(resource, name)
         return self._store_update(resource, namespace, old, body)
 
     def patch(self, resource: str, namespace: str, name: str, body: Any, content_type: str) -> JSON:
@@ -824,13 +829,7 @@ class Api:
             (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
         )
         if wanted and wanted != old["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
-                "modified; please apply your changes to the latest version and try again",
-                {"name": name, "kind": resource},
-            )
+            raise conflict(resource, name)
         return self._store_update(resource, namespace, old, new)
 
     def delete(self, resource: str, namespace: str, name: str) -> JSON:
