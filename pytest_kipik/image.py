@@ -51,12 +51,15 @@ def _has(client: docker.DockerClient, tag: str) -> bool:
     return True
 
 
-def ensure_default_image(client: docker.DockerClient, report: Reporter) -> str:
+def ensure_default_image(
+    client: docker.DockerClient, report: Reporter, directory: Path | None = None
+) -> str:
     """Return the default image's tag, building it first when the engine lacks it.
 
-    One build at a time per machine (pytest-xdist workers wait on a file lock, then find it).
+    ``directory`` is the build context (default: :func:`context_dir`). One build at a time per
+    machine: pytest-xdist workers wait on a file lock, then find the image built.
     """
-    directory = context_dir()
+    directory = directory or context_dir()
     tag = default_image_tag(directory)
     if _has(client, tag):
         return tag
@@ -66,24 +69,25 @@ def ensure_default_image(client: docker.DockerClient, report: Reporter) -> str:
             return tag
         report(f"kipik: building the default DinD image {tag} from {directory} (once)")
         lines: list[str] = []
+        error = ""
         try:
             stream: Any = client.api.build(
                 path=str(directory), tag=tag, rm=True, forcerm=True, decode=True, pull=False
             )
-            for event in stream:
-                if "error" in event:
-                    raise ImageError(
-                        f"building the default DinD image {tag} failed: {event['error'].strip()}"
-                        "\n  last build output:\n"
-                        + "\n".join(f"    {line}" for line in lines[-20:])
-                        + "\n  Pass --kipik-image to use an image you built or pulled yourself."
-                    )
+            for event in stream:  # read to the end, so the connection is released
+                error = error or str(event.get("error", "")).strip()
                 text = str(event.get("stream", "")).rstrip()
                 if text:
                     lines.append(text)
                     if text.startswith("Step "):
                         report(f"kipik: image build: {text}")
         except docker.errors.DockerException as exc:
-            raise ImageError(f"building the default DinD image {tag} failed: {exc}") from None
+            error = str(exc)
+        if error:
+            raise ImageError(
+                f"building the default DinD image {tag} failed: {error}\n  last build output:\n"
+                + "\n".join(f"    {line}" for line in lines[-20:])
+                + "\n  Pass --kipik-image to use an image you built or pulled yourself."
+            )
         report(f"kipik: built {tag}")
     return tag
