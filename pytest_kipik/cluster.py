@@ -23,6 +23,7 @@ from pytest_kipik.hosts.base import Host
 from pytest_kipik.image import ensure_default_image
 from pytest_kipik.process import CommandResult, run
 from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
+from pytest_kipik.signals import deferred_interrupts
 
 
 class NestedCluster:
@@ -290,7 +291,10 @@ class ClusterFactory:
     def _remove_quietly(self, host: Host) -> None:
         """Undo a half-made host without hiding the error that got us here."""
         try:
-            with phase(self.report, host.name, "teardown after a failed start"):
+            with (
+                deferred_interrupts(reraise=False),
+                phase(self.report, host.name, "teardown after a failed start"),
+            ):
                 host.remove()
         except KipikError as exc:
             self.report(f"kipik {host.name}: {exc}")
@@ -298,7 +302,14 @@ class ClusterFactory:
     # -- tearing down ----------------------------------------------------------------------
 
     def close(self) -> list[KipikError]:
-        """Remove every cluster (kept ones are listed instead); returns teardown problems."""
+        """Remove every cluster (kept ones are listed instead); returns teardown problems.
+
+        Ctrl-C and SIGTERM wait until the removal is done.
+        """
+        with deferred_interrupts():
+            return self._close_all()
+
+    def _close_all(self) -> list[KipikError]:
         problems: list[KipikError] = []
         while self.clusters:
             cluster = self.clusters.pop()

@@ -5,6 +5,7 @@ Everything that does work lives in :mod:`pytest_kipik.cluster` and runs without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -80,11 +81,9 @@ def _reporter(config: pytest.Config) -> Reporter:
         return lambda line: None
 
     def report(line: str) -> None:
-        if capture is None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             terminal.write_line(line)
-            return
-        with capture.global_and_fixture_disabled():
-            terminal.write_line(line)
+            terminal.flush()  # progress must show as it happens, also when piped (CI logs)
 
     return report
 

@@ -36,3 +36,28 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def deferred_interrupts(*, reraise: bool = True) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done: cleanup must not be cut short.
+
+    A signal that came meanwhile is raised as KeyboardInterrupt afterwards (when ``reraise``;
+    not while another error is already on its way out). Outside the main thread: no change.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if received and reraise:
+        raise KeyboardInterrupt(f"{signal.Signals(received[0]).name} received during cleanup")

@@ -110,3 +110,26 @@ def test_an_existing_sigterm_handler_is_left_alone() -> None:
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_interrupts_wait_until_cleanup_is_done() -> None:
+    import os
+    import signal
+
+    from pytest_kipik.signals import deferred_interrupts
+
+    done = []
+
+    def cleanup() -> None:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("cleanup finished")
+
+    with pytest.raises(KeyboardInterrupt, match="SIGINT received during cleanup"):
+        cleanup()
+    assert done == ["cleanup finished"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with deferred_interrupts(reraise=False):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
