@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,8 +61,12 @@ def owned(client: docker.DockerClient) -> list[str]:
     )
 
 
+#: Lists what kipik made since the test started that is still there.
+Leftovers = Callable[[], list[str]]
+
+
 @contextmanager
-def kept_cluster(output: str, client: docker.DockerClient) -> Iterator[Path]:
+def kept_cluster(output: str, leftovers: Leftovers) -> Iterator[Path]:
     """Read what ``--kipik-keep`` printed; yield the kubeconfig, then run the printed removal.
 
     Afterwards nothing kipik made may remain.
@@ -75,7 +79,7 @@ def kept_cluster(output: str, client: docker.DockerClient) -> Iterator[Path]:
         yield Path(use.group(1))
     finally:
         subprocess.run(["bash", "-c", remove.group(1)], check=True, timeout=120)
-    assert owned(client) == []
+    assert leftovers() == []
 
 
 def assert_kubectl_sees_a_ready_node(kubeconfig: Path) -> None:
@@ -88,16 +92,22 @@ def assert_kubectl_sees_a_ready_node(kubeconfig: Path) -> None:
 
 
 @pytest.fixture
-def no_leaks(docker_client: docker.DockerClient) -> Iterator[None]:
-    """Fail the test when it leaves kipik-labelled containers or volumes behind."""
+def leftovers(docker_client: docker.DockerClient) -> Iterator[Leftovers]:
+    """What kipik made during this test and is still there; must be nothing at its end.
+
+    Counted against what existed before the test, so kept clusters of other runs do not count.
+    """
     before = set(owned(docker_client))
-    yield
-    left = sorted(set(owned(docker_client)) - before)
-    assert not left, f"the test left these behind: {left}"
+
+    def new() -> list[str]:
+        return sorted(set(owned(docker_client)) - before)
+
+    yield new
+    assert not new(), f"the test left these behind: {new()}"
 
 
 @pytest.fixture(autouse=True)
 def _docker_marker(request: pytest.FixtureRequest) -> None:
     """Every ``docker`` test needs the engine and checks that it leaks nothing."""
     if request.node.get_closest_marker("docker"):
-        request.getfixturevalue("no_leaks")
+        request.getfixturevalue("leftovers")

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import docker
 import pytest
 
-from tests.conftest import assert_kubectl_sees_a_ready_node, kept_cluster, owned
+from tests.conftest import Leftovers, assert_kubectl_sees_a_ready_node, kept_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,24 +32,22 @@ def _node_image_args() -> list[str]:
     return [f"--kipik-node-image={image}"] if image else []
 
 
-def test_examples_on_real_kind(
-    pytester: pytest.Pytester, docker_client: docker.DockerClient
-) -> None:
+def test_examples_on_real_kind(pytester: pytest.Pytester, leftovers: Leftovers) -> None:
     result = pytester.runpytest_subprocess(
         str(ROOT / "examples"), *_node_image_args(), "-p", "no:cacheprovider",
         f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "--kipik-timeout=10m",
     )  # fmt: skip
     result.assert_outcomes(passed=4)
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_real_kind_kept_cluster_answers_kubectl(
-    pytester: pytest.Pytester, docker_client: docker.DockerClient
+    pytester: pytest.Pytester, leftovers: Leftovers
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(
         *_node_image_args(), "--kipik-keep", "--kipik-timeout=10m"
     )
     result.assert_outcomes(passed=1)
-    with kept_cluster(result.stdout.str(), docker_client) as kubeconfig:
+    with kept_cluster(result.stdout.str(), leftovers) as kubeconfig:
         assert_kubectl_sees_a_ready_node(kubeconfig)

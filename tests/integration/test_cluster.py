@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import docker
 import pytest
 
 from pytest_kipik import ClusterFactory, KindError, KipikConfig
 from pytest_kipik.config import resolve
-from tests.conftest import assert_kubectl_sees_a_ready_node, kept_cluster, owned
+from tests.conftest import Leftovers, assert_kubectl_sees_a_ready_node, kept_cluster
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +63,7 @@ def _images_args(test_images: tuple[str, str]) -> list[str]:
 
 
 def test_session_clusters_work_and_leave_nothing(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     pytester.makepyfile(SUITE)
     result = pytester.runpytest_subprocess(*_images_args(test_images), "-p", "no:cacheprovider")
@@ -73,11 +72,11 @@ def test_session_clusters_work_and_leave_nothing(
     for phase in ("DinD up", "inner daemon ready", "node image kipik-test/node:dev in",
                   "kind create", "kubeconfig + readiness", "teardown"):  # fmt: skip
         assert re.search(rf"kipik kipik-\w+: {re.escape(phase)} \(\d+\.\d+s\)", out), phase
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_failing_tests_still_tear_down(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     pytester.makepyfile(
         """
@@ -87,14 +86,14 @@ def test_failing_tests_still_tear_down(
     )
     result = pytester.runpytest_subprocess(*_images_args(test_images))
     result.assert_outcomes(failed=1)
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_during_kind_create_leaves_nothing(
     pytester: pytest.Pytester,
     test_images: tuple[str, str],
-    docker_client: docker.DockerClient,
+    leftovers: Leftovers,
     signum: signal.Signals,
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
@@ -121,24 +120,24 @@ def test_interrupt_during_kind_create_leaves_nothing(
     assert "KeyboardInterrupt" in out
     assert re.search(r"teardown after a failed start \(\d+\.\d+s\)", out), out
     assert proc.returncode == pytest.ExitCode.INTERRUPTED
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_keep_prints_a_working_kubeconfig_and_removal(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(*_images_args(test_images), "--kipik-keep")
     result.assert_outcomes(passed=1)
-    with kept_cluster(result.stdout.str(), docker_client) as kubeconfig:
+    with kept_cluster(result.stdout.str(), leftovers) as kubeconfig:
         assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
         assert_kubectl_sees_a_ready_node(kubeconfig)
-        assert owned(docker_client) != []
+        assert leftovers() != []
     assert not kubeconfig.parent.exists()
 
 
 def test_kind_failure_shows_kind_stderr_and_daemon_log(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess(
@@ -150,12 +149,10 @@ def test_kind_failure_shows_kind_stderr_and_daemon_log(
     assert "kind failed to create cluster" in out
     assert 'failed to pull image "127.0.0.1:9/kipik-test/missing-node:v0"' in out
     assert "last 50 lines of the inner Docker daemon's log:" in out
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
-def test_unknown_dind_image_is_named(
-    pytester: pytest.Pytester, docker_client: docker.DockerClient
-) -> None:
+def test_unknown_dind_image_is_named(pytester: pytest.Pytester, leftovers: Leftovers) -> None:
     pytester.makepyfile("def test_x(nested_cluster):\n    pass\n")
     result = pytester.runpytest_subprocess("--kipik-image=127.0.0.1:9/kipik-test/no-such-image:v0")
     result.assert_outcomes(errors=1)
@@ -163,11 +160,11 @@ def test_unknown_dind_image_is_named(
         ["*the image '127.0.0.1:9/kipik-test/no-such-image:v0' is not present on the Docker "
          "engine and pulling it failed*"]
     )  # fmt: skip
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_factory_works_without_pytest(
-    test_images: tuple[str, str], tmp_path: Path, docker_client: docker.DockerClient
+    test_images: tuple[str, str], tmp_path: Path, leftovers: Leftovers
 ) -> None:
     dind, node = test_images
     config = resolve({"image": dind, "node_image": node}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
@@ -175,18 +172,18 @@ def test_factory_works_without_pytest(
     with ClusterFactory(config, report=lines.append) as factory:
         cluster = factory.create(name="standalone")
         assert cluster.core_v1.read_namespaced_service_account("default", "default")
-        assert owned(docker_client) == [
+        assert leftovers() == [
             "container standalone-dind",
             "volume standalone-dind-docker",
         ]
         workdir = factory.workdir
-    assert owned(docker_client) == []
+    assert leftovers() == []
     assert not workdir.exists()
     assert any(line.startswith("kipik standalone: kind create (") for line in lines)
 
 
 def test_kind_error_leaves_nothing_when_used_directly(
-    test_images: tuple[str, str], docker_client: docker.DockerClient
+    test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     config = KipikConfig(
         image=test_images[0], node_image="127.0.0.1:9/kipik-test/missing-node:v0", timeout=120
@@ -196,7 +193,7 @@ def test_kind_error_leaves_nothing_when_used_directly(
             factory.create()
         assert info.value.error.exit_code == 1
         assert "ERROR: failed to create cluster" in info.value.error.stderr
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_examples_pass_against_a_nested_cluster(
@@ -210,7 +207,7 @@ def test_examples_pass_against_a_nested_cluster(
 
 
 def test_readiness_timeout_names_the_check_and_cleans_up(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     # without a CNI, kind's nodes never become Ready (the double behaves like kind here)
     (pytester.path / "kind.yaml").write_text(
@@ -229,11 +226,11 @@ def test_readiness_timeout_names_the_check_and_cleans_up(
             "*hint: nodes become Ready once the CNI runs*",
         ]
     )
-    assert owned(docker_client) == []
+    assert leftovers() == []
 
 
 def test_xdist_workers_get_their_own_clusters(
-    pytester: pytest.Pytester, test_images: tuple[str, str], docker_client: docker.DockerClient
+    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
     for index in (1, 2):
         pytester.makepyfile(
@@ -250,4 +247,4 @@ def test_xdist_workers_get_their_own_clusters(
         )
     result = pytester.runpytest_subprocess(*_images_args(test_images), "-n", "2")
     result.assert_outcomes(passed=2)
-    assert owned(docker_client) == []
+    assert leftovers() == []
