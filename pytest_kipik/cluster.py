@@ -85,13 +85,17 @@ class NestedCluster:
             f"  remove it: {self.host.removal_command()} && rm -rf {self.kubeconfig_path.parent}"
         )
 
+    def close_client(self) -> None:
+        """Close :attr:`api_client` if it was made (its connection pool and threads)."""
+        if "api_client" in self.__dict__:
+            self.api_client.close()
+
     def close(self) -> None:
         """Remove the cluster's host and files (not when kept); idempotent."""
         if self._closed:
             return
         self._closed = True
-        if "api_client" in self.__dict__:
-            self.api_client.close()
+        self.close_client()
         if self.keep:
             return
         self.host.remove()
@@ -252,8 +256,9 @@ class ClusterFactory:
             config = kind.build_config(
                 user_config, name=name, cert_sans=host.cert_sans(), nodes=nodes
             )
+            driver = kind.KindDriver(host)
             with phase(say, name, "kind create"):
-                kind.KindDriver(host).create(
+                driver.create(
                     config,
                     image=node_image,
                     timeout=left(),
@@ -262,7 +267,7 @@ class ClusterFactory:
                 )
             with phase(say, name, "kubeconfig + readiness"):
                 endpoint = host.api_endpoint(kind.API_SERVER_PORT)
-                raw = kubeconfig.parse(kind.KindDriver(host).kubeconfig(name))
+                raw = kubeconfig.parse(driver.kubeconfig(name))
                 directory = self.workdir / name
                 if not self.config.keep:
                     undo.callback(shutil.rmtree, directory, True)
@@ -278,15 +283,10 @@ class ClusterFactory:
                     nodes=kind.node_count(config),
                     keep=self.config.keep,
                 )
-                undo.callback(self._close_client, cluster)
+                undo.callback(cluster.close_client)
                 readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
             undo.pop_all()
         return cluster
-
-    @staticmethod
-    def _close_client(cluster: NestedCluster) -> None:
-        if "api_client" in cluster.__dict__:
-            cluster.api_client.close()
 
     def _remove_quietly(self, host: Host) -> None:
         """Undo a half-made host without hiding the error that got us here."""
