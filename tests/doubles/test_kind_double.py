@@ -326,6 +326,16 @@ def run_kind(home: Path, *args: str, stdin: str | None = None) -> subprocess.Com
     )
 
 
+def create_cluster(
+    home: Path, name: str, *, config: str, image: str, kubeconfig: str, wait: str
+) -> subprocess.CompletedProcess[str]:
+    """``kind create cluster`` with every flag the plugin passes (and --wait)."""
+    return run_kind(
+        home, "create", "cluster", "--name", name, "--config", config, "--image", image,
+        "--kubeconfig", kubeconfig, "--wait", wait,
+    )  # fmt: skip
+
+
 def docker_out(*args: str) -> str:
     return subprocess.run(
         ["docker", *args], capture_output=True, text=True, check=True, timeout=120
@@ -436,20 +446,8 @@ def test_cluster_lifecycle(home: Path, node_image: str, cluster_name: str) -> No
     )
     kubeconfig = str(home / "created.kubeconfig")
     start = time.monotonic()
-    result = run_kind(
-        home,
-        "create",
-        "cluster",
-        "--name",
-        cluster_name,
-        "--config",
-        config,
-        "--image",
-        node_image,
-        "--kubeconfig",
-        kubeconfig,
-        "--wait",
-        "1m",
+    result = create_cluster(
+        home, cluster_name, config=config, image=node_image, kubeconfig=kubeconfig, wait="1m"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
@@ -691,20 +689,8 @@ def test_workers_labels_and_no_cni(home: Path, node_image: str, cluster_name: st
         "nodes:\n- role: control-plane\n- role: worker\n  labels: {tier: a}\n- role: worker\n",
     )
     kubeconfig = str(home / "multi.kubeconfig")
-    result = run_kind(
-        home,
-        "create",
-        "cluster",
-        "--name",
-        cluster_name,
-        "--config",
-        config,
-        "--image",
-        node_image,
-        "--kubeconfig",
-        kubeconfig,
-        "--wait",
-        "2s",
+    result = create_cluster(
+        home, cluster_name, config=config, image=node_image, kubeconfig=kubeconfig, wait="2s"
     )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
