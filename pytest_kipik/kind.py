@@ -232,16 +232,17 @@ def create_argv(
     config_path: str,
     kubeconfig_path: str,
     image: str | None,
-    wait_seconds: float | None,
     retain: bool,
 ) -> list[str]:
-    """``kind create cluster`` for one cluster (``--wait`` only when ``wait_seconds`` is given)."""
+    """``kind create cluster`` for one cluster.
+
+    No ``--wait``: kind's wait exits 0 when it times out, so kipik's own readiness checks do the
+    waiting, with the time that is left, and say precisely what they waited for.
+    """
     argv = ["kind", "create", "cluster", "--name", name, "--config", config_path]
     if image:
         argv += ["--image", image]
     argv += ["--kubeconfig", kubeconfig_path]
-    if wait_seconds is not None:
-        argv += ["--wait", f"{max(int(wait_seconds), 1)}s"]
     if retain:
         argv.append("--retain")
     return argv
@@ -280,11 +281,7 @@ class KindDriver:
         retain: bool,
         on_output: OutputSink | None = None,
     ) -> None:
-        """Write ``config`` into the host and run ``kind create cluster`` with it.
-
-        kind is not asked to ``--wait``: kipik's own readiness checks follow, with the time that
-        is left, and say precisely what they waited for (kind's wait exits 0 when it times out).
-        """
+        """Write ``config`` into the host and run ``kind create cluster`` with it."""
         name = str(config["name"])
         paths = ClusterPaths.for_cluster(name)
         self.host.write_file(paths.config, dump_config(config).encode())
@@ -293,7 +290,6 @@ class KindDriver:
             config_path=paths.config,
             kubeconfig_path=paths.kubeconfig,
             image=image,
-            wait_seconds=None,
             retain=retain,
         )
         try:

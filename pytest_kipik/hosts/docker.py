@@ -88,16 +88,16 @@ def _engine_address(client: docker.DockerClient) -> str:
 
 
 class _Lines:
-    """Collects one output stream; forwards complete lines to a sink when asked."""
+    """Collects one output stream; forwards its complete lines to ``sink``, if any."""
 
     def __init__(self, sink: OutputSink | None) -> None:
         self.sink = sink
         self.chunks: list[bytes] = []
         self.pending = b""
 
-    def add(self, data: bytes, *, forward: bool) -> None:
+    def add(self, data: bytes) -> None:
         self.chunks.append(data)
-        if forward and self.sink is not None:
+        if self.sink is not None:
             *lines, self.pending = (self.pending + data).split(b"\n")
             for line in lines:
                 self.sink(line.decode("utf-8", "replace"))
@@ -274,7 +274,7 @@ class DockerHost:
             # to, half-closed so the command sees the end of its input, and closed at the end.
             sock: Any = api.exec_start(exec_id, socket=True)
             raw: Any = getattr(sock, "_sock", sock)
-            out = _Lines(on_output)
+            out = _Lines(None)
             err = _Lines(on_output)
             try:
                 if stdin is not None:
@@ -282,7 +282,7 @@ class DockerHost:
                         raw.sendall(chunk)
                     raw.shutdown(socket.SHUT_WR)
                 for stream, data in frames_iter(sock, False):  # type: ignore[no-untyped-call]
-                    (out if stream == STDOUT else err).add(data, forward=stream != STDOUT)
+                    (out if stream == STDOUT else err).add(data)
             finally:
                 sock.close()
                 raw.close()

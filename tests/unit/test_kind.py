@@ -86,22 +86,20 @@ def test_argv_builders() -> None:
         config_path="/kipik/demo/kind-config.yaml",
         kubeconfig_path="/kipik/demo/kubeconfig",
         image="kindest/node:v1.31.0",
-        wait_seconds=179.6,
         retain=False,
     ) == [
         "kind", "create", "cluster", "--name", "demo",
         "--config", "/kipik/demo/kind-config.yaml",
         "--image", "kindest/node:v1.31.0",
         "--kubeconfig", "/kipik/demo/kubeconfig",
-        "--wait", "179s",
     ]  # fmt: skip
     assert kind.create_argv(
-        "demo", config_path="c", kubeconfig_path="k", image=None, wait_seconds=None, retain=False
+        "demo", config_path="c", kubeconfig_path="k", image=None, retain=False
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k"]
     assert kind.create_argv(
-        "demo", config_path="c", kubeconfig_path="k", image=None, wait_seconds=0.2, retain=True
+        "demo", config_path="c", kubeconfig_path="k", image=None, retain=True
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
-          "--wait", "1s", "--retain"]  # fmt: skip
+          "--retain"]  # fmt: skip
     assert kind.get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
     assert kind.delete_argv("demo") == ["kind", "delete", "cluster", "--name", "demo"]
     assert kind.export_logs_argv("demo", "/tmp/l") == [
