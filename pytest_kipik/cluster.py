@@ -12,15 +12,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import docker
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kind, kubeconfig, labels, readiness
+from pytest_kipik import kind, kubeconfig, labels, paths, readiness
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import ConfigError, KipikError
-from pytest_kipik.hosts import docker as docker_host
-from pytest_kipik.hosts.base import Host
-from pytest_kipik.image import ensure_default_image
+from pytest_kipik.hosts import make_backend
+from pytest_kipik.hosts.base import Backend, Host, OutputSink
 from pytest_kipik.process import CommandResult, run
 from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
 from pytest_kipik.signals import deferred_interrupts
@@ -81,7 +79,7 @@ class NestedCluster:
         """What to paste to use and to remove a kept cluster."""
         return (
             f"kipik: kept cluster {self.name}\n"
-            f"  use it:    kubectl --kubeconfig {self.kubeconfig_path} get nodes\n"
+            f"  use it:    {self.host.how_to_use(str(self.kubeconfig_path))}\n"
             f"  remove it: {self.host.removal_command()} && rm -rf {self.kubeconfig_path.parent}"
         )
 
@@ -91,15 +89,17 @@ class NestedCluster:
             self.api_client.close()
 
     def close(self) -> None:
-        """Remove the cluster's host and files (not when kept); idempotent."""
+        """Remove the cluster's host and files (not when kept); idempotent.
+
+        A removal that failed can be retried: the cluster counts as closed only once it is gone.
+        """
         if self._closed:
             return
-        self._closed = True
         self.close_client()
-        if self.keep:
-            return
-        self.host.remove()
-        shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
+        if not self.keep:
+            self.host.remove()
+            shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
+        self._closed = True
 
     def __enter__(self) -> NestedCluster:
         return self
@@ -111,50 +111,46 @@ class NestedCluster:
 class ClusterFactory:
     """Creates nested clusters for one session (or one xdist worker) and removes them all.
 
-    ``workdir`` holds each cluster's private kubeconfig directory (a fresh temporary directory
-    when not given). ``report`` receives one line per phase.
+    ``backend`` makes the hosts (default: the one the config selects). ``workdir`` holds each
+    cluster's private kubeconfig directory (a fresh temporary directory when not given; kept
+    clusters use the per-user state directory, which nothing prunes). ``report`` receives one
+    line per phase, and kind's own progress lines when ``verbose``.
     """
 
     def __init__(
         self,
         config: KipikConfig,
         *,
+        backend: Backend | None = None,
         workdir: Path | None = None,
         report: Reporter = stderr_reporter,
         worker: str | None = None,
+        verbose: bool = False,
     ) -> None:
         self.config = config
         self.report = report
         self.worker = worker
+        self.verbose = verbose
         self.run_id = labels.new_run_id()
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kipik-"))
         self.clusters: list[NestedCluster] = []
-        self._client: docker.DockerClient | None = None
-        self._dind_image: str | None = None
+        self._backend = backend
         self._lock = threading.Lock()
         self._count = 0
 
     # -- shared resources ------------------------------------------------------------------
 
+    @property
+    def backend(self) -> Backend:
+        """The backend that makes this factory's hosts (chosen on first use)."""
+        if self._backend is None:
+            self._backend = make_backend(self.config, self.report)
+        return self._backend
+
     def connect(self) -> None:
-        """Check now that the Docker engine answers (raises DockerUnavailableError)."""
-        self._docker()
-
-    def _docker(self) -> docker.DockerClient:
-        if self._client is None:
-            self._client = docker_host.connect()
-        return self._client
-
-    def _image(self) -> str:
-        if self._dind_image is None:
-            client = self._docker()
-            if self.config.image:
-                docker_host.ensure_image(client, self.config.image, self.report)
-                self._dind_image = self.config.image
-            else:
-                self._dind_image = ensure_default_image(client, self.report)
-        return self._dind_image
+        """Check now that the backend answers (raises BackendUnavailable saying what to do)."""
+        self.backend.connect()
 
     def _next_name(self, name: str | None) -> str:
         with self._lock:
@@ -170,20 +166,22 @@ class ClusterFactory:
         return name
 
     def _make_host(self, name: str) -> Host:
-        # The seam for backends: "auto" and "docker" both mean the local Docker engine today.
-        return docker_host.DockerHost(
-            self._docker(),
-            image=self._image(),
-            name=f"{name}-dind",
-            labels=labels.owner_labels(
+        return self.backend.make_host(
+            f"{name}-dind",
+            labels.owner_labels(
                 run_id=self.run_id,
                 cluster=name,
                 role="dind",
                 worker=self.worker,
                 keep=self.config.keep,
             ),
-            inner_ports=[kind.API_SERVER_PORT],
+            [kind.API_SERVER_PORT],
         )
+
+    def _kubeconfig_dir(self, name: str) -> Path:
+        if self.config.keep:  # outlives pytest's basetemp, which pytest prunes after 3 runs
+            return paths.private_dir(paths.state_home(), "clusters", name)
+        return self.workdir / name
 
     # -- creating --------------------------------------------------------------------------
 
@@ -204,7 +202,7 @@ class ClusterFactory:
         """
         name = self._next_name(name)
         user_config = self._user_kind_config(kind_config)
-        kind.build_config(user_config, name=name, cert_sans=[], nodes=nodes)  # fail before start
+        self._build_config(user_config, name, [], nodes, {})  # fail before anything starts
         image = node_image or self.config.node_image
         deadline = time.monotonic() + self.config.timeout
         cluster = self._provision(name, user_config, nodes, image, deadline)
@@ -223,6 +221,32 @@ class ClusterFactory:
             except ConfigError as exc:
                 raise ConfigError(f"kind_config: {exc}") from None
         return kind.load_user_config(Path(kind_config))
+
+    def _build_config(
+        self,
+        user_config: Mapping[str, Any] | None,
+        name: str,
+        cert_sans: list[str],
+        nodes: int | None,
+        images: Mapping[str, str],
+    ) -> dict[str, Any]:
+        return kind.build_config(
+            user_config,
+            name=name,
+            cert_sans=cert_sans,
+            nodes=nodes,
+            pod_subnet=self.config.pod_subnet,
+            service_subnet=self.config.service_subnet,
+            images=images,
+        )
+
+    def _kind_output(self, name: str) -> OutputSink:
+        def sink(line: str) -> None:
+            log.info("kind %s: %s", name, line)
+            if self.verbose and line.strip():
+                self.report(f"kipik {name}: kind: {line.strip()}")
+
+        return sink
 
     def _provision(
         self,
@@ -249,26 +273,32 @@ class ClusterFactory:
                 host.start()
             with phase(say, name, "inner daemon ready"):
                 host.wait_ready(left())
-            if node_image:
-                with phase(say, name, f"node image {node_image} in"):
-                    if not host.load_image(node_image, left()):
-                        say(f"kipik {name}: {node_image} is not local; kind will pull it")
-            config = kind.build_config(
-                user_config, name=name, cert_sans=host.cert_sans(), nodes=nodes
+            kind.check_no_overlap(
+                kind.subnets(user_config, self.config.pod_subnet, self.config.service_subnet),
+                host.outer_addresses(),
             )
+            images: dict[str, str] = {}
+            for image in kind.node_images(user_config, node_image):
+                with phase(say, name, f"node image {image} in"):
+                    inner = host.load_image(image, left())
+                if inner is None:
+                    say(f"kipik {name}: {image} is not local; kind will pull it")
+                else:
+                    images[image] = inner
+            config = self._build_config(user_config, name, host.cert_sans(), nodes, images)
             driver = kind.KindDriver(host)
             with phase(say, name, "kind create"):
                 driver.create(
                     config,
-                    image=node_image,
+                    image=images.get(node_image, node_image) if node_image else None,
                     timeout=left(),
                     retain=self.config.keep,
-                    on_output=lambda line: log.info("kind %s: %s", name, line),
+                    on_output=self._kind_output(name),
                 )
             with phase(say, name, "kubeconfig + readiness"):
                 endpoint = host.api_endpoint(kind.API_SERVER_PORT)
                 raw = kubeconfig.parse(driver.kubeconfig(name))
-                directory = self.workdir / name
+                directory = self._kubeconfig_dir(name)
                 if not self.config.keep:
                     undo.callback(shutil.rmtree, directory, True)
                 path = kubeconfig.write_private(
@@ -296,37 +326,42 @@ class ClusterFactory:
                 phase(self.report, host.name, "teardown after a failed start"),
             ):
                 host.remove()
-        except KipikError as exc:
+        except Exception as exc:  # reported; the error that got us here wins
             self.report(f"kipik {host.name}: {exc}")
 
     # -- tearing down ----------------------------------------------------------------------
 
-    def close(self) -> list[KipikError]:
+    def close(self) -> list[Exception]:
         """Remove every cluster (kept ones are listed instead); returns teardown problems.
 
-        Ctrl-C and SIGTERM wait until the removal is done.
+        Every cluster is attempted whatever happened to the others. Ctrl-C and SIGTERM wait
+        until the removal is done.
         """
         with deferred_interrupts():
             return self._close_all()
 
-    def _close_all(self) -> list[KipikError]:
-        problems: list[KipikError] = []
-        while self.clusters:
-            cluster = self.clusters.pop()
-            if cluster.keep:
-                self.report(cluster.how_to_reach())
-                cluster.close()
-                continue
-            try:
-                with phase(self.report, cluster.name, "teardown"):
+    def _close_all(self) -> list[Exception]:
+        problems: list[Exception] = []
+        try:
+            for cluster in reversed(list(self.clusters)):
+                if cluster.keep:
+                    self.report(cluster.how_to_reach())
                     cluster.close()
-            except KipikError as exc:
-                problems.append(exc)
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._own_workdir and not self.config.keep:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+                    self.clusters.remove(cluster)
+                    continue
+                try:
+                    with phase(self.report, cluster.name, "teardown"):
+                        cluster.close()
+                except Exception as exc:  # every cluster gets its turn
+                    problems.append(exc)
+                else:
+                    self.clusters.remove(cluster)
+        finally:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            if self._own_workdir and not self.clusters:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         return problems
 
     def __enter__(self) -> ClusterFactory:

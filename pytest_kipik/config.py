@@ -1,36 +1,49 @@
 """Settings: one frozen object, each value resolved CLI > env > ini > default, with its source.
 
 Every setting ``x_y`` exists as the command-line option ``--kipik-x-y``, the ini key ``kipik_x_y``
-and the environment variable ``KIPIK_X_Y``. Values are validated here, before anything starts.
+and the environment variable ``KIPIK_X_Y``. Each is declared once, as a field of
+:class:`KipikConfig` whose metadata is its :class:`Setting` (default text, help, parser); the
+option list, the parsers, the header and the docs all read that one declaration. Values are
+validated here, before anything starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_kipik import kind
+from pytest_kipik import kind, pod_manifest
 from pytest_kipik.errors import ConfigError
 
-BACKENDS = ("auto", "docker")
+BACKENDS = ("auto", "docker", "pod")
 NAME_PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)?$")
+_QUANTITY_RE = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+#: Parses the raw text of a setting; ``base`` is the directory relative paths start from.
+Parser = Callable[[str, Path], Any]
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its name, default, help text and parser (str -> value, or ConfigError)."""
+    """How one setting is given and parsed: its default text, help, parser and group."""
 
-    name: str
     default: str
     help: str
+    parse: Parser
     metavar: str = "VALUE"
     flag: bool = False
+    group: str = "kipik"
+    name: str = ""
 
     @property
     def cli(self) -> str:
@@ -48,56 +61,7 @@ class Setting:
         return "KIPIK_" + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "backend",
-        "auto",
-        "where the Docker-in-Docker host runs: auto or docker (the local Docker engine, found "
-        "like the Docker SDK finds it: DOCKER_HOST etc.)",
-        metavar="NAME",
-    ),
-    Setting(
-        "image",
-        "",
-        "the Docker-in-Docker image (a Docker daemon plus kind); default: pytest-kipik's own "
-        "image, built from its packaged image/ context when not present locally",
-        metavar="IMAGE",
-    ),
-    Setting(
-        "node_image",
-        "",
-        "the kind node image; streamed into the DinD when the local engine has it, else pulled "
-        "by kind; default: kind's own default node image",
-        metavar="IMAGE",
-    ),
-    Setting(
-        "kind_config",
-        "",
-        "a kind config file (kind.x-k8s.io/v1alpha4 Cluster) to merge: its nodes, patches and "
-        "networking are kept, kipik sets only the name, API address/port and certSANs",
-        metavar="PATH",
-    ),
-    Setting(
-        "timeout",
-        "300",
-        "time allowed to create one cluster until it is ready, in seconds or with s/m/h",
-        metavar="DURATION",
-    ),
-    Setting(
-        "keep",
-        "false",
-        "keep clusters after the session and print how to reach and remove them",
-        flag=True,
-    ),
-    Setting(
-        "name_prefix",
-        "kipik",
-        "prefix of cluster, container and volume names (lowercase letters, digits, '-', at most "
-        "20 characters)",
-        metavar="PREFIX",
-    ),
-)
-SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+# -- parsers ----------------------------------------------------------------------------------
 
 
 def parse_duration(text: str) -> float:
@@ -123,18 +87,18 @@ def parse_bool(text: str) -> bool:
     )
 
 
-def _parse_backend(text: str) -> str:
+def _optional(text: str, _base: Path) -> str | None:
+    return text.strip() or None
+
+
+def _backend(text: str, _base: Path) -> str:
     value = text.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"{text!r} is not a backend: use one of {', '.join(BACKENDS)}")
     return value
 
 
-def _parse_optional(text: str) -> str | None:
-    return text.strip() or None
-
-
-def _parse_name_prefix(text: str) -> str:
+def _name_prefix(text: str, _base: Path) -> str:
     if not NAME_PREFIX_RE.match(text):
         raise ValueError(
             f"{text!r} is not a valid name prefix: use 1-20 lowercase letters, digits and '-', "
@@ -143,7 +107,7 @@ def _parse_name_prefix(text: str) -> str:
     return text
 
 
-def _parse_kind_config(text: str, base: Path) -> Path | None:
+def _kind_config(text: str, base: Path) -> Path | None:
     if not text.strip():
         return None
     path = (base / Path(text.strip()).expanduser()).resolve()
@@ -151,28 +115,184 @@ def _parse_kind_config(text: str, base: Path) -> Path | None:
     return path
 
 
-_PARSERS: dict[str, Callable[[str, Path], Any]] = {
-    "backend": lambda text, _base: _parse_backend(text),
-    "image": lambda text, _base: _parse_optional(text),
-    "node_image": lambda text, _base: _parse_optional(text),
-    "kind_config": _parse_kind_config,
-    "timeout": lambda text, _base: parse_duration(text),
-    "keep": lambda text, _base: parse_bool(text),
-    "name_prefix": lambda text, _base: _parse_name_prefix(text),
-}
+def _existing_file(text: str, base: Path) -> Path | None:
+    if not text.strip():
+        return None
+    path = (base / Path(text.strip()).expanduser()).resolve()
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file")
+    return path
+
+
+def _pod_template(text: str, base: Path) -> Path | None:
+    path = _existing_file(text, base)
+    if path is not None:
+        pod_manifest.load_template(path)  # raises ConfigError naming the file and the problem
+    return path
+
+
+def _dns_label(text: str, _base: Path) -> str | None:
+    value = text.strip()
+    if value and not _DNS_LABEL_RE.match(value):
+        raise ValueError(f"{text!r} is not a valid namespace name (a DNS label: a-z, 0-9, '-')")
+    return value or None
+
+
+def _dns_subdomain(text: str, _base: Path) -> str | None:
+    value = text.strip()
+    if value and not _DNS_SUBDOMAIN_RE.match(value):
+        raise ValueError(f"{text!r} is not a valid name (a DNS subdomain: a-z, 0-9, '-', '.')")
+    return value or None
+
+
+def _quantity(text: str, _base: Path) -> str | None:
+    value = text.strip()
+    if value and not _QUANTITY_RE.match(value):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity: use e.g. 20Gi, 500Mi, 1G")
+    return value or None
+
+
+def _subnet(text: str, _base: Path) -> str:
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a subnet in CIDR form ({exc})") from None
+    if network.version == 4 and network.prefixlen > 24:
+        raise ValueError(f"{text!r} is too small for a cluster: use /24 or larger")
+    return str(network)
+
+
+def setting(
+    default: str,
+    help: str,
+    parse: Parser,
+    *,
+    metavar: str = "VALUE",
+    flag: bool = False,
+    group: str = "kipik",
+) -> Any:
+    """Declare a field of :class:`KipikConfig` as a setting (its default parsed from text)."""
+    spec = Setting(default, help, parse, metavar, flag, group)
+    return field(default=parse(default, Path()), metadata={"setting": spec})
+
+
+# -- the settings -----------------------------------------------------------------------------
+
+POD = "pod"
 
 
 @dataclass(frozen=True)
 class KipikConfig:
     """The resolved settings of one session; ``sources`` says where each value came from."""
 
-    backend: str = "auto"
-    image: str | None = None
-    node_image: str | None = None
-    kind_config: Path | None = None
-    timeout: float = 300.0
-    keep: bool = False
-    name_prefix: str = "kipik"
+    backend: str = setting(
+        "auto",
+        "where the Docker-in-Docker host runs: docker (the local Docker engine, found like the "
+        "Docker SDK finds it: DOCKER_HOST etc.), pod (a privileged pod in an outer Kubernetes "
+        "cluster), or auto (pod when running in a pod with no Docker engine, else docker)",
+        _backend,
+        metavar="NAME",
+    )
+    image: str | None = setting(
+        "",
+        "the Docker-in-Docker image (a Docker daemon plus kind); default with the docker "
+        "backend: pytest-kipik's own image, built from its packaged image/ context when not "
+        "present locally; the pod backend needs one the outer cluster can pull",
+        _optional,
+        metavar="IMAGE",
+    )
+    node_image: str | None = setting(
+        "",
+        "the kind node image (a tag or name:tag@sha256:digest); moved into the DinD when the "
+        "local engine has it, else pulled by kind; default: the kind in the image decides",
+        _optional,
+        metavar="IMAGE",
+    )
+    kind_config: Path | None = setting(
+        "",
+        "a kind config file (kind.x-k8s.io/v1alpha4 Cluster) to merge: everything in it reaches "
+        "kind; kipik sets only the name, API address/port and certSANs",
+        _kind_config,
+        metavar="PATH",
+    )
+    timeout: float = setting(
+        "300",
+        "time allowed to create one cluster until it is ready, in seconds or with s/m/h",
+        lambda text, _base: parse_duration(text),
+        metavar="DURATION",
+    )
+    keep: bool = setting(
+        "false",
+        "keep clusters after the session and print how to reach and remove them",
+        lambda text, _base: parse_bool(text),
+        flag=True,
+    )
+    name_prefix: str = setting(
+        "kipik",
+        "prefix of cluster, container, volume and pod names (lowercase letters, digits, '-', at "
+        "most 20 characters)",
+        _name_prefix,
+        metavar="PREFIX",
+    )
+    pod_subnet: str = setting(
+        "100.96.0.0/16",
+        "the nested cluster's pod subnet when the kind config sets none; chosen not to overlap "
+        "the usual ranges of outer clusters (10.x, 172.16-31.x, 192.168.x)",
+        _subnet,
+        metavar="CIDR",
+    )
+    service_subnet: str = setting(
+        "100.97.0.0/16",
+        "the nested cluster's service subnet when the kind config sets none",
+        _subnet,
+        metavar="CIDR",
+    )
+    outer_kubeconfig: Path | None = setting(
+        "",
+        "pod backend: kubeconfig of the outer cluster; default: in-cluster config inside a pod, "
+        "else the official client's usual resolution (KUBECONFIG, ~/.kube/config)",
+        _existing_file,
+        metavar="PATH",
+        group=POD,
+    )
+    outer_context: str | None = setting(
+        "",
+        "pod backend: context of the outer kubeconfig; default: its current context",
+        _optional,
+        metavar="NAME",
+        group=POD,
+    )
+    namespace: str | None = setting(
+        "",
+        "pod backend: namespace of the DinD pods; default: the pod's own namespace in-cluster, "
+        "else the context's, else default",
+        _dns_label,
+        metavar="NAME",
+        group=POD,
+    )
+    pod_template: Path | None = setting(
+        "",
+        "pod backend: a YAML Pod (or Pod spec fragment) merged into the generated DinD pod: "
+        "nodeSelector, tolerations, affinity, resources, runtimeClassName, imagePullSecrets, "
+        "annotations, labels, priorityClassName",
+        _pod_template,
+        metavar="PATH",
+        group=POD,
+    )
+    service_account: str | None = setting(
+        "",
+        "pod backend: service account of the DinD pod (its token is never mounted)",
+        _dns_subdomain,
+        metavar="NAME",
+        group=POD,
+    )
+    docker_storage: str | None = setting(
+        "",
+        "pod backend: size limit of the emptyDir at /var/lib/docker (e.g. 20Gi); default: none",
+        _quantity,
+        metavar="QUANTITY",
+        group=POD,
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -180,16 +300,34 @@ class KipikConfig:
         """The configuration with every setting at its default."""
         return resolve({}, {}, {}, cwd=Path.cwd(), ini_dir=Path.cwd())
 
-    def describe(self) -> list[str]:
-        """One line per setting, ``name=value (source)``, for the pytest header."""
+    def describe(self, group: str = "kipik") -> list[str]:
+        """One line per setting of ``group``, ``name=value (source)``, for the pytest header."""
         lines = []
-        for setting in SETTINGS:
-            value = getattr(self, setting.name)
+        for spec in settings(group):
+            value = getattr(self, spec.name)
             shown = "-" if value is None else str(value)
-            if setting.name == "timeout":
+            if spec.name == "timeout":
                 shown = f"{value:g}s"
-            lines.append(f"{setting.name}={shown} ({self.sources.get(setting.name, 'default')})")
+            lines.append(f"{spec.name}={shown} ({self.sources.get(spec.name, 'default')})")
         return lines
+
+
+def _declared() -> tuple[Setting, ...]:
+    declared = []
+    for item in dataclasses.fields(KipikConfig):
+        spec = item.metadata.get("setting")
+        if spec is not None:
+            declared.append(dataclasses.replace(spec, name=item.name))
+    return tuple(declared)
+
+
+#: Every setting, in declaration order.
+SETTINGS: tuple[Setting, ...] = _declared()
+
+
+def settings(group: str | None = None) -> tuple[Setting, ...]:
+    """The settings of ``group`` (all of them when None)."""
+    return tuple(s for s in SETTINGS if group is None or s.group == group)
 
 
 def resolve(
@@ -208,20 +346,18 @@ def resolve(
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for setting in SETTINGS:
+    for spec in SETTINGS:
         candidates = (
-            (cli.get(setting.name), "cli", f"command-line option {setting.cli}", cwd),
-            (environ.get(setting.env), "env", f"environment variable {setting.env}", cwd),
-            (ini.get(setting.name), "ini", f"ini key {setting.ini}", ini_dir),
-            (setting.default, "default", "the default", cwd),
+            (cli.get(spec.name), "cli", f"command-line option {spec.cli}", cwd),
+            (environ.get(spec.env), "env", f"environment variable {spec.env}", cwd),
+            (ini.get(spec.name), "ini", f"ini key {spec.ini}", ini_dir),
+            (spec.default, "default", "the default", cwd),
         )
         raw, short, source, base = next(c for c in candidates if c[0] is not None)
         assert raw is not None
         try:
-            values[setting.name] = _PARSERS[setting.name](raw, base)
-        except ValueError as exc:
-            raise ConfigError(f"invalid {setting.name} from {source}: {exc}") from None
-        except ConfigError as exc:
-            raise ConfigError(f"invalid {setting.name} from {source}: {exc}") from None
-        sources[setting.name] = short
+            values[spec.name] = spec.parse(raw, base)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"invalid {spec.name} from {source}: {exc}") from None
+        sources[spec.name] = short
     return KipikConfig(**values, sources=sources)

@@ -14,8 +14,16 @@ class ConfigError(KipikError):
     """A setting or a kind config file is invalid; raised before anything is started."""
 
 
-class DockerUnavailableError(KipikError):
+class BackendUnavailable(KipikError):
+    """The selected backend does not answer (no Docker engine, outer cluster unreachable)."""
+
+
+class DockerUnavailableError(BackendUnavailable):
     """No Docker engine answered where the Docker SDK looks for one."""
+
+
+class OuterClusterError(KipikError):
+    """The outer Kubernetes cluster refused or failed a request of the pod backend."""
 
 
 class ImageError(KipikError):
@@ -24,6 +32,14 @@ class ImageError(KipikError):
 
 class HostError(KipikError):
     """The Docker-in-Docker host failed to start, died, or its inner daemon never answered."""
+
+
+class NameClashError(HostError):
+    """A container, volume or pod of the wanted name exists and is not this run's."""
+
+
+class ClusterUnusableError(KipikError):
+    """The nested cluster answers in a way waiting cannot fix (TLS mismatch, 401/403)."""
 
 
 class ReadinessTimeout(KipikError):
@@ -79,6 +95,27 @@ class CommandError(KipikError):
         return "\n".join(parts)
 
 
+class CommandTimeout(CommandError):
+    """A command did not finish in time; carries the output it had printed until then."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        timeout: float,
+        stdout: str,
+        stderr: str,
+        *,
+        where: Sequence[str] = (),
+    ) -> None:
+        self.timeout = timeout
+        super().__init__(argv, -1, stdout, stderr, where=where)
+
+    def _message(self) -> str:
+        _first, *rest = super()._message().split("\n", 1)
+        head = f"command did not finish within {self.timeout:.0f}s: {self.pretty_command}"
+        return "\n".join([head, *rest])
+
+
 class KindError(KipikError):
     """``kind`` failed inside the host; carries kind's output and the inner daemon's log."""
 
@@ -86,8 +123,13 @@ class KindError(KipikError):
         self.action = action
         self.error = error
         self.daemon_log = daemon_log
+        outcome = (
+            f"did not finish within {error.timeout:.0f}s"
+            if isinstance(error, CommandTimeout)
+            else f"exit code {error.exit_code}"
+        )
         super().__init__(
-            f"kind failed to {action} (exit code {error.exit_code}): {error.pretty_command}\n"
+            f"kind failed to {action} ({outcome}): {error.pretty_command}\n"
             f"  kind's stderr:\n{_tail(error.stderr, 60)}\n"
             f"  last 50 lines of the inner Docker daemon's log:\n{_tail(daemon_log, 50)}"
         )

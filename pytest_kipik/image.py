@@ -1,9 +1,9 @@
-"""The default DinD image: built from the packaged ``image/`` context when not present locally."""
+"""Image references, and the default DinD image (built from the packaged ``image/`` context)."""
 
 from __future__ import annotations
 
 import hashlib
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +11,38 @@ import docker
 import docker.errors
 from filelock import FileLock
 
+from pytest_kipik import paths
 from pytest_kipik.errors import ImageError
 from pytest_kipik.progress import Reporter
 
 REPOSITORY = "pytest-kipik/dind"
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def split_reference(image: str) -> tuple[str, str | None, str | None]:
+    """``name[:tag][@digest]`` split into its parts (a registry port is part of the name)."""
+    rest, _, digest = image.partition("@")
+    name, tag = rest, None
+    slash, colon = rest.rfind("/"), rest.rfind(":")
+    if colon > slash:
+        name, tag = rest[:colon], rest[colon + 1 :]
+    return name, tag, digest or None
+
+
+def inner_reference(image: str) -> str:
+    """The reference a loaded copy of ``image`` gets in an inner daemon.
+
+    ``docker load`` restores tags only, never the repository digest a registry gave, so a
+    digest-pinned ``name:tag@sha256:...`` (which the local engine resolved, verifying it)
+    becomes ``name:tag`` inside, or ``name:sha256-<first 16 hex digits>`` without a tag.
+    Other references stay as they are.
+    """
+    name, tag, digest = split_reference(image)
+    if digest is None:
+        return image
+    if not _DIGEST_RE.match(digest):
+        raise ImageError(f"{image!r} has an invalid digest: expected sha256: and 64 hex digits")
+    return f"{name}:{tag or 'sha256-' + digest[len('sha256:') :][:16]}"
 
 
 def context_dir() -> Path:
@@ -63,7 +91,7 @@ def ensure_default_image(
     tag = default_image_tag(directory)
     if _has(client, tag):
         return tag
-    lock = FileLock(Path(tempfile.gettempdir()) / "pytest-kipik-image-build.lock")
+    lock = FileLock(paths.private_dir(paths.cache_home(), "locks") / "image-build.lock")
     with lock:
         if _has(client, tag):
             return tag

@@ -7,6 +7,7 @@ The builders are pure functions of plain data. :class:`KindDriver` runs kind onl
 from __future__ import annotations
 
 import copy
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,80 +28,52 @@ API_SERVER_PORT = 6443
 #: Where kipik keeps its files inside the host.
 HOST_DIR = "/kipik"
 
-# The fields of kind's v1alpha4 types (pkg/apis/config/v1alpha4/types.go): kind rejects others.
-_PATCH_JSON6902 = {"group": None, "version": None, "kind": None, "patch": None}
-_MOUNT = {
-    "containerPath": None,
-    "hostPath": None,
-    "readOnly": None,
-    "selinuxRelabel": None,
-    "propagation": None,
-}
-_PORT_MAPPING = {"containerPort": None, "hostPort": None, "listenAddress": None, "protocol": None}
-_NODE: dict[str, Any] = {
-    "role": None,
-    "image": None,
-    "labels": None,
-    "extraMounts": [_MOUNT],
-    "extraPortMappings": [_PORT_MAPPING],
-    "gpus": None,
-    "kubeadmConfigPatches": None,
-    "kubeadmConfigPatchesJSON6902": [_PATCH_JSON6902],
-}
-_NETWORKING = {
-    "ipFamily": None,
-    "apiServerPort": None,
-    "apiServerAddress": None,
-    "podSubnet": None,
-    "serviceSubnet": None,
-    "disableDefaultCNI": None,
-    "kubeProxyMode": None,
-    "dnsSearch": None,
-}
-_CLUSTER: dict[str, Any] = {
-    "kind": None,
-    "apiVersion": None,
-    "name": None,
-    "nodes": [_NODE],
-    "networking": _NETWORKING,
-    "featureGates": None,
-    "runtimeConfig": None,
-    "kubeadmConfigPatches": None,
-    "kubeadmConfigPatchesJSON6902": [_PATCH_JSON6902],
-    "containerdConfigPatches": None,
-    "containerdConfigPatchesJSON6902": None,
-}
+#: The top-level fields of kind v0.32.0's v1alpha4 Cluster. Others reach kind as they are (a
+#: newer kind in the DinD image may know them) with a warning.
+KNOWN_FIELDS = (
+    "kind",
+    "apiVersion",
+    "name",
+    "nodes",
+    "networking",
+    "featureGates",
+    "runtimeConfig",
+    "kubeadmConfigPatches",
+    "kubeadmConfigPatchesJSON6902",
+    "containerdConfigPatches",
+    "containerdConfigPatchesJSON6902",
+)
 _ROLES = ("control-plane", "worker")
+#: The networking fields kipik reads or sets, with their types.
+_NETWORKING_TYPES: dict[str, type | tuple[type, ...]] = {
+    "apiServerAddress": str,
+    "apiServerPort": int,
+    "podSubnet": str,
+    "serviceSubnet": str,
+    "ipFamily": str,
+}
 
 
-def _check_fields(node: yaml.Node, schema: Mapping[str, Any], where: str) -> None:
-    """Reject unknown fields (with their line) the way kind's strict decoder does."""
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"line {node.start_mark.line + 1}: {where} must be a mapping")
-    for key_node, value_node in node.value:
-        key = key_node.value
-        if key not in schema:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(
-                f"line {key_node.start_mark.line + 1}: unknown field {key!r} in {where} "
-                f"(known fields: {known})"
-            )
-        sub = schema[key]
-        if isinstance(sub, list):
-            if not isinstance(value_node, yaml.SequenceNode):
-                raise ConfigError(
-                    f"line {value_node.start_mark.line + 1}: {where}.{key} must be a list"
-                )
-            for index, item in enumerate(value_node.value):
-                _check_fields(item, sub[0], f"{where}.{key}[{index}]")
-        elif isinstance(sub, dict):
-            _check_fields(value_node, sub, f"{where}.{key}")
+def _line_of(root: yaml.Node, *path: str | int) -> str:
+    """`` (line N)`` of the node at ``path`` in the composed document, or nothing."""
+    node: yaml.Node | None = root
+    for step in path:
+        if isinstance(node, yaml.MappingNode) and isinstance(step, str):
+            node = next((v for k, v in node.value if k.value == step), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int):
+            node = node.value[step] if step < len(node.value) else None
+        else:
+            node = None
+    return f"line {node.start_mark.line + 1}: " if node is not None else ""
 
 
 def validate_user_config(text: str) -> dict[str, Any]:
-    """Parse and validate a kind config as kind would; return it as plain data.
+    """Parse a kind config and check what kipik relies on; return it as plain data.
 
-    Raises :class:`ConfigError` saying what is wrong (with the line where YAML knows it).
+    Checked: YAML, ``kind``/``apiVersion``, and the fields kipik reads or sets (``nodes`` and
+    their roles and images, the ``networking`` fields it sets, ``kubeadmConfigPatches``) with
+    their types. Everything else is left to the kind in the DinD image, whose own error is shown
+    if it refuses. Raises :class:`ConfigError` saying what is wrong, with the line.
     """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -110,28 +83,59 @@ def validate_user_config(text: str) -> dict[str, Any]:
     if root is None or not isinstance(data, dict):
         raise ConfigError(f"expected a kind {KIND} mapping with kind and apiVersion")
     if data.get("kind") != KIND:
-        raise ConfigError(f"kind must be {KIND!r}, found {data.get('kind')!r}")
+        raise ConfigError(
+            f"{_line_of(root, 'kind')}kind must be {KIND!r}, found {data.get('kind')!r}"
+        )
     if data.get("apiVersion") != API_VERSION:
         raise ConfigError(
-            f"apiVersion must be {API_VERSION!r} (the one kind supports), "
-            f"found {data.get('apiVersion')!r}"
+            f"{_line_of(root, 'apiVersion')}apiVersion must be {API_VERSION!r} (the one kind "
+            f"supports), found {data.get('apiVersion')!r}"
         )
-    _check_fields(root, _CLUSTER, "Cluster")
-    nodes = data.get("nodes") or []
-    for index, node in enumerate(nodes):
+    nodes = data.get("nodes")
+    if nodes is not None and not isinstance(nodes, list):
+        raise ConfigError(f"{_line_of(root, 'nodes')}nodes must be a list")
+    for index, node in enumerate(nodes or []):
+        where = _line_of(root, "nodes", index)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}nodes[{index}] must be a mapping")
         role = node.get("role", "control-plane")
         if role not in _ROLES:
-            raise ConfigError(f"nodes[{index}].role is {role!r}: use one of {', '.join(_ROLES)}")
+            raise ConfigError(
+                f"{where}nodes[{index}].role is {role!r}: use one of {', '.join(_ROLES)}"
+            )
+        if "image" in node and not isinstance(node["image"], str):
+            raise ConfigError(f"{where}nodes[{index}].image must be a string")
     if nodes and not any(n.get("role", "control-plane") == "control-plane" for n in nodes):
         raise ConfigError("nodes needs at least one node with role control-plane")
-    for index, patch in enumerate(data.get("kubeadmConfigPatches") or []):
+    networking = data.get("networking")
+    if networking is not None and not isinstance(networking, dict):
+        raise ConfigError(f"{_line_of(root, 'networking')}networking must be a mapping")
+    for key, kind_of in _NETWORKING_TYPES.items():
+        value = (networking or {}).get(key)
+        if value is not None and (not isinstance(value, kind_of) or isinstance(value, bool)):
+            raise ConfigError(
+                f"{_line_of(root, 'networking', key)}networking.{key} must be a "
+                f"{'number' if kind_of is int else 'string'}, found {value!r}"
+            )
+    patches = data.get("kubeadmConfigPatches")
+    if patches is not None and not isinstance(patches, list):
+        raise ConfigError(f"{_line_of(root, 'kubeadmConfigPatches')}must be a list of strings")
+    for index, patch in enumerate(patches or []):
+        where = _line_of(root, "kubeadmConfigPatches", index)
         if not isinstance(patch, str):
-            raise ConfigError(f"kubeadmConfigPatches[{index}] must be a YAML string")
+            raise ConfigError(f"{where}kubeadmConfigPatches[{index}] must be a YAML string")
         try:
             yaml.safe_load(patch)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"kubeadmConfigPatches[{index}] is not valid YAML: {exc}") from None
+            raise ConfigError(
+                f"{where}kubeadmConfigPatches[{index}] is not valid YAML: {exc}"
+            ) from None
     return data
+
+
+def unknown_fields(config: Mapping[str, Any]) -> list[str]:
+    """Top-level fields kind v0.32.0 does not know (passed on; a newer kind may know them)."""
+    return [key for key in config if key not in KNOWN_FIELDS]
 
 
 def load_user_config(path: Path) -> dict[str, Any]:
@@ -169,6 +173,9 @@ def build_config(
     nodes: int | None = None,
     api_server_address: str = API_SERVER_ADDRESS,
     api_server_port: int = API_SERVER_PORT,
+    pod_subnet: str | None = None,
+    service_subnet: str | None = None,
+    images: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Merge what kipik must set into the user's kind config (which is not modified).
 
@@ -177,7 +184,9 @@ def build_config(
     whose certSANs are the user's own, kind's defaults (``localhost`` and the API address) and
     ``cert_sans``: a merge patch replaces lists, so the union must be written out.
     ``nodes`` (1 control plane + ``nodes - 1`` workers) may only be given when the user's config
-    has no ``nodes``.
+    has no ``nodes``. ``pod_subnet``/``service_subnet`` apply where the user set none (IPv4
+    clusters only). ``images`` maps node images to the references the inner daemon knows
+    them by (see :meth:`Host.load_image`).
     """
     config: dict[str, Any] = copy.deepcopy(dict(user or {}))
     config["kind"] = KIND
@@ -186,13 +195,22 @@ def build_config(
     networking = dict(config.get("networking") or {})
     networking["apiServerAddress"] = api_server_address
     networking["apiServerPort"] = api_server_port
+    if networking.get("ipFamily", "ipv4") == "ipv4":
+        for key, value in (("podSubnet", pod_subnet), ("serviceSubnet", service_subnet)):
+            if value and not networking.get(key):
+                networking[key] = value
     config["networking"] = networking
     if nodes is not None:
         if nodes < 1:
             raise ConfigError(f"nodes must be at least 1, got {nodes}")
         if config.get("nodes"):
             raise ConfigError("give either nodes=... or a kind config with nodes, not both")
-        config["nodes"] = [{"role": "control-plane"}] + [{"role": "worker"}] * (nodes - 1)
+        config["nodes"] = [{"role": "control-plane"}] + [
+            {"role": "worker"} for _ in range(nodes - 1)
+        ]
+    for node in config.get("nodes") or []:
+        if node.get("image") in (images or {}):
+            node["image"] = (images or {})[node["image"]]
     patches = list(config.get("kubeadmConfigPatches") or [])
     sans: list[str] = []
     for san in [*_user_cert_sans(patches), "localhost", api_server_address, *cert_sans]:
@@ -200,6 +218,54 @@ def build_config(
             sans.append(san)
     config["kubeadmConfigPatches"] = [*patches, cert_sans_patch(sans)]
     return config
+
+
+def node_images(user: Mapping[str, Any] | None, image: str | None) -> list[str]:
+    """The node images kind will need: ``image``, else the images the nodes name.
+
+    ``--image`` overrides every node's image. Empty when kind's default decides.
+    """
+    if image:
+        return [image]
+    found: list[str] = []
+    for node in (user or {}).get("nodes") or []:
+        if node.get("image") and node["image"] not in found:
+            found.append(node["image"])
+    return found
+
+
+def subnets(user: Mapping[str, Any] | None, pod_subnet: str, service_subnet: str) -> dict[str, str]:
+    """The IPv4 pod and service subnets the nested cluster will use (the user's, else ours)."""
+    networking = (user or {}).get("networking") or {}
+    if networking.get("ipFamily", "ipv4") != "ipv4":
+        return {k: v for k in ("podSubnet", "serviceSubnet") if (v := networking.get(k))}
+    return {
+        "podSubnet": networking.get("podSubnet") or pod_subnet,
+        "serviceSubnet": networking.get("serviceSubnet") or service_subnet,
+    }
+
+
+def check_no_overlap(subnets: Mapping[str, str], addresses: Mapping[str, str]) -> None:
+    """Raise ConfigError when an outer address lies in a nested subnet (replies would be lost).
+
+    ``subnets``: what the nested cluster uses (see :func:`subnets`); ``addresses``: addresses
+    of the outer network, each with where it comes from.
+    """
+    for field, subnet in subnets.items():
+        network = ipaddress.ip_network(subnet, strict=False)
+        for where, address in addresses.items():
+            try:
+                inside = ipaddress.ip_address(address) in network
+            except ValueError:  # a host name: nothing to compare
+                continue
+            if inside:
+                raise ConfigError(
+                    f"the nested cluster's {field} {subnet} contains {address} ({where}) of the "
+                    "outer network: replies to it would be routed into the nested cluster and "
+                    f"never arrive. Choose a {field} that does not overlap the outer cluster's "
+                    "ranges (--kipik-pod-subnet / --kipik-service-subnet, or networking in "
+                    "your kind config)."
+                )
 
 
 def node_count(config: Mapping[str, Any]) -> int:
@@ -253,16 +319,6 @@ def get_kubeconfig_argv(name: str) -> list[str]:
     return ["kind", "get", "kubeconfig", "--name", name]
 
 
-def delete_argv(name: str) -> list[str]:
-    """``kind delete cluster``."""
-    return ["kind", "delete", "cluster", "--name", name]
-
-
-def export_logs_argv(name: str, directory: str) -> list[str]:
-    """``kind export logs`` into ``directory`` inside the host."""
-    return ["kind", "export", "logs", directory, "--name", name]
-
-
 class KindDriver:
     """Runs kind inside a host, only through ``host.exec`` and ``host.write_file``."""
 
@@ -303,10 +359,3 @@ class KindDriver:
             return self.host.exec(get_kubeconfig_argv(name), timeout=60).check().stdout
         except CommandError as exc:
             raise self._fail(f"get the kubeconfig of {name!r}", exc) from None
-
-    def delete(self, name: str) -> None:
-        """Delete the cluster (kind succeeds when it does not exist)."""
-        try:
-            self.host.exec(delete_argv(name), timeout=120).check()
-        except CommandError as exc:
-            raise self._fail(f"delete cluster {name!r}", exc) from None

@@ -18,6 +18,11 @@ WORKER = PREFIX + "worker"
 KEEP = PREFIX + "keep"
 ROLE = PREFIX + "role"
 
+#: Kubernetes label values: at most 63 characters, alphanumeric at both ends, ``-_.`` inside.
+LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+#: Timestamps in labels: ``20261123T075500Z`` (ISO 8601 basic format, valid as a label value).
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
 #: kind's own rule for cluster names (``kind create cluster --name``).
 CLUSTER_NAME_RE = re.compile(r"^[a-z0-9.-]+$")
 #: kind names node containers ``<cluster>-control-plane``, ``<cluster>-worker2``...; keep the
@@ -49,6 +54,22 @@ def check_cluster_name(name: str) -> str | None:
     return None
 
 
+def label_value(text: str) -> str:
+    """``text`` made a valid label value for Docker and Kubernetes alike (lossy, deterministic)."""
+    value = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
+
+
+def timestamp(moment: dt.datetime | None = None) -> str:
+    """A UTC time as a label value (:data:`TIMESTAMP_FORMAT`)."""
+    return (moment or dt.datetime.now(dt.timezone.utc)).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> dt.datetime:
+    """The inverse of :func:`timestamp` (raises ValueError for other text)."""
+    return dt.datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+
 def owner_labels(
     *,
     run_id: str,
@@ -58,16 +79,18 @@ def owner_labels(
     keep: bool,
     now: dt.datetime | None = None,
 ) -> dict[str, str]:
-    """The labels every container and volume of one cluster carries."""
-    created = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The labels every container, volume and pod of one cluster carries.
+
+    Every value is valid both as a Docker label and as a Kubernetes label value.
+    """
     labels = {
         RUN_ID: run_id,
         CLUSTER: cluster,
         ROLE: role,
-        OWNER_HOST: socket.gethostname(),
+        OWNER_HOST: label_value(socket.gethostname()),
         OWNER_PID: str(os.getpid()),
-        CREATED_AT: created,
-        WORKER: worker or "main",
+        CREATED_AT: timestamp(now),
+        WORKER: label_value(worker or "main"),
     }
     if keep:
         labels[KEEP] = "true"

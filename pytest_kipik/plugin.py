@@ -14,14 +14,18 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s_client
 
+from pytest_kipik import kind
 from pytest_kipik.cluster import ClusterFactory, NestedCluster
 from pytest_kipik.config import SETTINGS, KipikConfig, resolve
-from pytest_kipik.errors import ConfigError, DockerUnavailableError, KipikError
+from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
+from pytest_kipik.hosts import Choice, choose, make_backend
 from pytest_kipik.hosts.docker import engine_location
+from pytest_kipik.hosts.pod import local_outer_addresses
 from pytest_kipik.progress import Reporter
 from pytest_kipik.signals import terminate_as_interrupt
 
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
+CHOICE_KEY = pytest.StashKey[Choice]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,25 +56,56 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Resolve and validate the settings once, before anything starts."""
+    """Resolve and validate the settings and choose the backend, before anything starts."""
     ini_dir = config.inipath.parent if config.inipath else config.rootpath
     cli = {s.name: config.getoption(f"kipik_{s.name}") for s in SETTINGS}
     ini = {s.name: (str(config.getini(s.ini)) or None) for s in SETTINGS}
     try:
-        config.stash[CONFIG_KEY] = resolve(
+        kipik = resolve(
             cli, ini, os.environ, cwd=Path(config.invocation_params.dir), ini_dir=ini_dir
         )
+        choice = choose(kipik)
+        _check_for(kipik, choice)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-kipik: {exc}") from None
+    config.stash[CONFIG_KEY] = kipik
+    config.stash[CHOICE_KEY] = choice
+    user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else {}
+    for key in kind.unknown_fields(user):
+        config.issue_config_time_warning(
+            pytest.PytestWarning(
+                f"pytest-kipik: kind config {kipik.kind_config}: kind v0.32.0 has no top-level "
+                f"field {key!r}; it is passed on to the kind in the DinD image"
+            ),
+            stacklevel=2,
+        )
+
+
+def _check_for(kipik: KipikConfig, choice: Choice) -> None:
+    """What the chosen backend needs, checked now: an image, subnets that cannot collide."""
+    if choice.name != "pod":
+        return
+    if not kipik.image:
+        make_backend(kipik, lambda line: None, choice).connect()  # raises what to do
+    user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else {}
+    kind.check_no_overlap(
+        kind.subnets(user, kipik.pod_subnet, kipik.service_subnet), local_outer_addresses()
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Show every setting with where its value came from, and where Docker is looked for."""
+    """Show every setting with where its value came from, and the backend with why."""
     kipik = config.stash[CONFIG_KEY]
-    return [
+    choice = config.stash[CHOICE_KEY]
+    lines = [
         "kipik: " + ", ".join(kipik.describe()),
-        f"kipik: docker engine: {engine_location()}",
+        f"kipik: backend {choice.name} ({choice.reason})",
     ]
+    if choice.name == "pod":
+        lines.append("kipik pod: " + ", ".join(kipik.describe("pod")))
+    else:
+        lines.append(f"kipik: docker engine: {engine_location()}")
+    return lines
 
 
 def _reporter(config: pytest.Config) -> Reporter:
@@ -98,21 +133,28 @@ def nested_cluster_factory(
     returns a ready :class:`~pytest_kipik.NestedCluster`; every cluster it made is torn down at
     the end of the session (kept and printed instead with ``--kipik-keep``).
     """
+    config = request.config
+    report = _reporter(config)
     factory = ClusterFactory(
-        request.config.stash[CONFIG_KEY],
+        config.stash[CONFIG_KEY],
+        backend=make_backend(config.stash[CONFIG_KEY], report, config.stash[CHOICE_KEY]),
         workdir=tmp_path_factory.mktemp("kipik"),
-        report=_reporter(request.config),
+        report=report,
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
+        verbose=config.get_verbosity() > 0,
     )
+    problem = None
     try:
         factory.connect()
-    except DockerUnavailableError as exc:
-        pytest.exit(f"pytest-kipik: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+    except (BackendUnavailable, ConfigError) as exc:
+        problem = f"pytest-kipik: {exc}"
+    if problem:  # outside the except block: one message, no chained traceback
+        pytest.exit(problem, returncode=pytest.ExitCode.TESTS_FAILED)
     with terminate_as_interrupt():
         yield factory
         problems = factory.close()
-    for problem in problems:
-        warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {problem}"), stacklevel=1)
+    for failure in problems:
+        warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {failure}"), stacklevel=1)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +167,8 @@ def nested_cluster(nested_cluster_factory: ClusterFactory) -> NestedCluster:
     try:
         return nested_cluster_factory.create()
     except KipikError as exc:
-        pytest.fail(f"pytest-kipik could not create the nested cluster:\n{exc}", pytrace=False)
+        problem = f"pytest-kipik could not create the nested cluster:\n{exc}"
+    pytest.fail(problem, pytrace=False)  # outside the except block: the error shows once
 
 
 @pytest.fixture(scope="session")

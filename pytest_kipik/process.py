@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
-import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
 
-from pytest_kipik.errors import CommandError, KipikError
+from pytest_kipik.errors import CommandError, CommandTimeout, KipikError
 
 log = logging.getLogger("pytest_kipik")
 
@@ -78,30 +78,60 @@ def run(
     return result.check() if check else result
 
 
-T = TypeVar("T")
+class Output:
+    """Collects one output stream of a command; forwards complete lines to ``sink``, if any."""
+
+    def __init__(self, sink: Callable[[str], None] | None = None) -> None:
+        self.sink = sink
+        self.chunks: list[bytes] = []
+        self.pending = b""
+
+    def add(self, data: bytes) -> None:
+        """Take the next piece of output."""
+        self.chunks.append(data)
+        if self.sink is not None:
+            *lines, self.pending = (self.pending + data).split(b"\n")
+            for line in lines:
+                self.sink(line.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        """Forward a last line that had no newline."""
+        if self.pending and self.sink is not None:
+            self.sink(self.pending.decode("utf-8", "replace"))
+        self.pending = b""
+
+    def text(self) -> str:
+        """Everything collected so far."""
+        return b"".join(list(self.chunks)).decode("utf-8", "replace")
 
 
-def bounded(fn: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Run ``fn`` in a daemon thread and give up waiting after ``timeout`` seconds.
+#: Runs a command somewhere, feeding its stdout and stderr in; returns its exit code.
+Runner = Callable[[Output, Output], int]
 
-    Used for blocking calls into the Docker API that have no deadline of their own (a command
-    running inside a host). On timeout the caller is free to remove the host, which also ends
-    the abandoned call. Ctrl-C still interrupts the wait.
+
+def run_in(
+    where: Sequence[str],
+    argv: Sequence[str],
+    runner: Runner,
+    *,
+    timeout: float,
+    on_output: Callable[[str], None] | None = None,
+) -> CommandResult:
+    """Run a command inside a host through ``runner``, logged and bounded by ``timeout``.
+
+    ``where`` is the prefix that makes it pasteable (e.g. ``docker exec NAME``). On timeout
+    :class:`CommandTimeout` carries what the command printed until then; the abandoned call ends
+    when the caller removes the host. Ctrl-C still interrupts the wait.
     """
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the waiting thread below
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name=f"kipik: {what}", daemon=True).start()
-    if not done.wait(timeout):
-        raise KipikError(f"{what} did not finish within {timeout:.0f}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return cast(T, outcome["value"])
+    args = list(argv)
+    log_command(args, where)
+    out, err = Output(), Output(on_output)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kipik-exec")
+    future = executor.submit(runner, out, err)
+    executor.shutdown(wait=False)
+    try:
+        code = future.result(timeout=timeout)
+    except FutureTimeout:
+        raise CommandTimeout(args, timeout, out.text(), err.text(), where=where) from None
+    err.flush()
+    return CommandResult(args, code, out.text(), err.text(), where=list(where))

@@ -1,41 +1,102 @@
-"""When is a nested cluster usable? /readyz ok, every node Ready, the default ServiceAccount."""
+"""When is a nested cluster usable? /readyz ok, every node Ready, the default ServiceAccount.
+
+Waiting only helps with what time can fix (connection refused, 5xx, not yet Ready). A TLS
+verification failure or a 401/403 fails at once, with the real cause.
+"""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from pytest_kipik.errors import ClusterUnusableError
+from pytest_kipik.tls import certificate_names
 from pytest_kipik.waiting import NotYet, wait_until
 
 _REQUEST_TIMEOUT = 5
+_TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "doesn't match")
 
 
-def _guard(call: Callable[[], None]) -> Callable[[], None]:
-    """Turn connection and API errors into NotYet, carrying what was seen."""
+def _tls_failure(server: str, detail: str) -> ClusterUnusableError:
+    url = urlsplit(server)
+    host, port = url.hostname or "", url.port or 443
+    names = certificate_names(host, port)
+    shown = ", ".join(names) if names else "(could not be read)"
+    return ClusterUnusableError(
+        f"the nested API server's certificate does not verify for {server}: {detail}\n"
+        f"  names in the certificate: {shown}\n"
+        f"  address used: {host}\n"
+        "  hint: the address must be one of the certificate's names. kipik adds the address "
+        "it uses to certSANs; a kind config or a DinD image that replaces kubeadm's certSANs, "
+        "or an API server reached through another address, breaks that."
+    )
+
+
+def classify(server: str, exc: Exception) -> Exception:
+    """NotYet for what waiting can fix, ClusterUnusableError for what it cannot."""
+    text = f"{exc} {getattr(exc, 'reason', '')}"
+    if isinstance(exc, ssl.SSLCertVerificationError) or any(m in text for m in _TLS_MARKERS):
+        return _tls_failure(server, text.strip().splitlines()[0][:300])
+    if isinstance(exc, ApiException) and exc.status in (401, 403):
+        return ClusterUnusableError(
+            f"the nested API server at {server} refused kipik's credentials: HTTP {exc.status} "
+            f"{exc.reason}: {(exc.body or '')[:300]}\n  hint: the kubeconfig kind wrote does "
+            "not match this API server (a stale kubeconfig, or another cluster on that port)"
+        )
+    if isinstance(exc, ApiException):
+        return NotYet(f"HTTP {exc.status} {exc.reason}: {(exc.body or '')[:200]}")
+    return NotYet(f"{type(exc).__name__}: {exc}")
+
+
+def _guard(server: str, call: Callable[[], None]) -> Callable[[], None]:
+    """Turn connection and API errors into NotYet or a permanent error, carrying what was seen."""
 
     def check() -> None:
         try:
             call()
-        except ApiException as exc:
-            raise NotYet(f"HTTP {exc.status} {exc.reason}: {(exc.body or '')[:200]}") from None
-        except (HTTPError, OSError) as exc:
-            raise NotYet(f"{type(exc).__name__}: {exc}") from None
+        except (ApiException, HTTPError, OSError) as exc:
+            raise classify(server, exc) from None
 
     return check
 
 
+def get_raw(api: Any, path: str) -> tuple[int, str]:
+    """``GET path`` through the client (its TLS and credentials): status and body text.
+
+    kubernetes >= 35 splits requests into ``param_serialize`` + ``call_api``; older clients
+    take ``call_api(path, method, ..., _preload_content=False)``.
+    """
+    if hasattr(api, "param_serialize"):
+        method, url, headers, body, post = api.param_serialize(
+            "GET", path, auth_settings=["BearerToken"]
+        )
+        response = api.call_api(method, url, headers, body, post, _request_timeout=_REQUEST_TIMEOUT)
+        response.read()
+        return int(response.status), bytes(response.data or b"").decode("utf-8", "replace")
+    raw, status, _headers = api.call_api(
+        path,
+        "GET",
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _request_timeout=_REQUEST_TIMEOUT,
+    )
+    return int(status), bytes(raw.data or b"").decode("utf-8", "replace")
+
+
 def readyz(api: k8s_client.ApiClient) -> None:
     """Raise NotYet unless ``GET /readyz`` answers 200 ``ok``."""
-    response = api.rest_client.pool_manager.request(
-        "GET", f"{api.configuration.host}/readyz", timeout=_REQUEST_TIMEOUT, retries=False
-    )
-    body = response.data.decode("utf-8", "replace").strip()
-    if response.status != 200:
-        raise NotYet(f"/readyz answered HTTP {response.status}: {body[-300:]}")
+    status, body = get_raw(api, "/readyz")
+    if status in (401, 403):
+        raise ApiException(status=status, reason="Unauthorized" if status == 401 else "Forbidden")
+    if status != 200:
+        raise NotYet(f"/readyz answered HTTP {status}: {body.strip()[-300:]}")
 
 
 def nodes_ready(api: k8s_client.ApiClient, expected: int) -> None:
@@ -62,6 +123,7 @@ def default_service_account(api: k8s_client.ApiClient) -> None:
 
 def wait_ready(api: k8s_client.ApiClient, *, nodes: int, deadline: float) -> None:
     """Wait for every readiness check in turn, each within what is left until ``deadline``."""
+    server = str(api.configuration.host)
     checks = (
         (
             "/readyz of the nested API server to answer ok",
@@ -82,7 +144,7 @@ def wait_ready(api: k8s_client.ApiClient, *, nodes: int, deadline: float) -> Non
     )
     for what, call, hint in checks:
         wait_until(
-            _guard(call),
+            _guard(server, call),
             what=what,
             timeout=max(deadline - time.monotonic(), 0.0),
             hint=hint,

@@ -17,7 +17,7 @@ import docker
 import docker.errors
 import pytest
 
-from pytest_kipik.hosts.docker import list_owned
+from pytest_kipik.hosts.docker import owned_resources
 
 DIND_IMAGE = "kipik-test/dind:dev"
 NODE_IMAGE = "kipik-test/node:dev"
@@ -55,10 +55,7 @@ def test_images(docker_client: docker.DockerClient) -> tuple[str, str]:
 
 def owned(client: docker.DockerClient) -> list[str]:
     """Names of every container and volume kipik created (kept ones included)."""
-    containers, volumes = list_owned(client)
-    return sorted(
-        [f"container {c.name}" for c in containers] + [f"volume {v.name}" for v in volumes]
-    )
+    return sorted(str(resource) for resource in owned_resources(client))
 
 
 #: Lists what kipik made since the test started that is still there.

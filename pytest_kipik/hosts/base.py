@@ -1,9 +1,16 @@
-"""The Host seam: everything kind logic needs from the place its Docker daemon runs."""
+"""The seam between kind logic and where its Docker daemon runs: a Backend makes Hosts.
+
+A :class:`Backend` (local Docker engine, outer Kubernetes cluster) is chosen once per session
+and makes one :class:`Host` per nested cluster. Everything above this seam (the kind driver,
+kubeconfig rewrite, readiness, progress, teardown) is shared by every backend.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from pytest_kipik.process import CommandResult
@@ -11,10 +18,33 @@ from pytest_kipik.process import CommandResult
 #: Receives output lines of a running command as they come (e.g. kind's progress).
 OutputSink = Callable[[str], None]
 
+#: The inner Docker daemon's bridge and address pools: kept out of the ranges outer clusters
+#: and Docker engines usually use (10.x, 172.16-31.x, 192.168.x), so that replies to a client
+#: in the outer network are never routed into a nested bridge.
+INNER_BRIDGE = "100.99.0.1/24"
+INNER_ADDRESS_POOL = "100.98.0.0/16"
+
+
+#: Where a pod's service-account token is mounted (the official client's in-cluster config).
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def in_pod() -> bool:
+    """Whether this process runs in a Kubernetes pod with a service-account token."""
+    return (
+        bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        and (SERVICE_ACCOUNT_DIR / "token").is_file()
+    )
+
+
+def inner_dockerd_args() -> list[str]:
+    """Arguments for the DinD image's dockerd (kipik's image and docker:dind pass them on)."""
+    return [f"--bip={INNER_BRIDGE}", f"--default-address-pool=base={INNER_ADDRESS_POOL},size=24"]
+
 
 @dataclass(frozen=True)
 class Endpoint:
-    """How the test process reaches a port of the host: an address plus certSANs to add."""
+    """How the test process reaches a port of the host."""
 
     host: str
     port: int
@@ -24,6 +54,18 @@ class Endpoint:
         """The https URL of this endpoint."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"https://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Owned:
+    """One resource kipik made, as a backend lists it (container, volume, pod...)."""
+
+    kind: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
 
 
 class Host(Protocol):
@@ -43,17 +85,12 @@ class Host(Protocol):
         ...
 
     def exec(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float,
-        on_output: OutputSink | None = None,
-        stdin: Iterable[bytes] | None = None,
+        self, argv: Sequence[str], *, timeout: float, on_output: OutputSink | None = None
     ) -> CommandResult:
         """Run ``argv`` inside the host (no shell), bounded by ``timeout`` seconds.
 
-        ``stdin`` is streamed to the command and then closed; stderr lines go to ``on_output``
-        as they come.
+        stderr lines go to ``on_output`` as they come. When time runs out,
+        :class:`~pytest_kipik.errors.CommandTimeout` carries the output seen so far.
         """
         ...
 
@@ -61,19 +98,27 @@ class Host(Protocol):
         """Create or replace a file inside the host (parent directories are made)."""
         ...
 
-    def load_image(self, image: str, timeout: float) -> bool:
-        """Stream ``image`` from where the test runs into the inner daemon.
+    def load_image(self, image: str, timeout: float) -> str | None:
+        """Move ``image`` from the engine where the test runs into the inner daemon.
 
-        Returns False (and does nothing) when there is no local copy to stream.
+        Returns the reference the inner daemon knows it by (a digest-pinned reference cannot be
+        loaded as such, so it gets a tag), or None (and does nothing) when there is no local copy.
+        """
+        ...
+
+    def outer_addresses(self) -> dict[str, str]:
+        """Addresses (with where they come from) the nested subnets must not contain."""
+        ...
+
+    def cert_sans(self) -> list[str]:
+        """Addresses the nested API server certificate must carry for :meth:`api_endpoint`.
+
+        Known once the host runs, before kind creates the cluster.
         """
         ...
 
     def api_endpoint(self, inner_port: int) -> Endpoint:
-        """Where the test process reaches ``inner_port`` of the host."""
-        ...
-
-    def cert_sans(self) -> list[str]:
-        """Names/addresses the nested API server certificate must carry for ``api_endpoint``."""
+        """Where the test process reaches ``inner_port`` of the host (held open until removal)."""
         ...
 
     def daemon_log(self, lines: int = 50) -> str:
@@ -81,9 +126,40 @@ class Host(Protocol):
         ...
 
     def remove(self) -> None:
-        """Remove the host and everything it holds; idempotent."""
+        """Remove the host and everything it holds; idempotent, and retried when it failed."""
+        ...
+
+    def how_to_use(self, kubeconfig: str) -> str:
+        """A shell command that uses a kept cluster's kubeconfig from outside the session."""
         ...
 
     def removal_command(self) -> str:
         """A shell command a user can paste to remove the host by hand."""
+        ...
+
+
+class Backend(Protocol):
+    """Where DinD hosts run; chosen once per session, makes one :class:`Host` per cluster."""
+
+    #: ``docker`` or ``pod``.
+    name: str
+
+    def connect(self) -> None:
+        """Check that the backend answers (raises BackendUnavailable with what to do)."""
+        ...
+
+    def describe(self) -> str:
+        """Where hosts will run, for the report header and messages."""
+        ...
+
+    def make_host(self, name: str, labels: Mapping[str, str], inner_ports: Sequence[int]) -> Host:
+        """A host (not started yet) named ``name`` carrying ``labels``."""
+        ...
+
+    def list_owned(self, run_id: str | None = None) -> list[Owned]:
+        """What kipik made on this backend (all runs, or the run ``run_id``)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (hosts are removed by their clusters)."""
         ...

@@ -1,32 +1,37 @@
-"""DockerHost: a privileged Docker-in-Docker container on the local Docker engine.
+"""The docker backend: a privileged Docker-in-Docker container on the local Docker engine.
 
-The container gets a labelled volume at ``/var/lib/docker`` (so the inner daemon uses overlay2)
-and publishes the nested API server's port to ``127.0.0.1:<ephemeral>`` on the engine's host,
-which works on Linux and Docker Desktop alike.
+The container gets an anonymous, labelled volume at ``/var/lib/docker`` (so the inner daemon
+uses overlay2; removed with the container) and publishes the nested API server's port to
+``127.0.0.1:<ephemeral>`` on the engine's host, which works on Linux and Docker Desktop alike.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shlex
 import socket
 import tarfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlparse
 
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.models.volumes import Volume
+from docker.types import Mount
 from docker.utils.socket import STDOUT, frames_iter
 
 from pytest_kipik import labels as lbl
-from pytest_kipik.errors import DockerUnavailableError, HostError, ImageError
-from pytest_kipik.hosts.base import Endpoint, OutputSink
-from pytest_kipik.process import CommandResult, bounded, log_command
+from pytest_kipik.errors import (
+    DockerUnavailableError,
+    HostError,
+    ImageError,
+    NameClashError,
+)
+from pytest_kipik.hosts.base import Endpoint, OutputSink, Owned, inner_dockerd_args
+from pytest_kipik.image import ensure_default_image, inner_reference
+from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
 from pytest_kipik.waiting import NotYet, wait_until
 
@@ -45,6 +50,20 @@ def engine_location() -> str:
     return "unix:///var/run/docker.sock (the default; DOCKER_HOST is not set)"
 
 
+def engine_answers(timeout: float = 3) -> bool:
+    """Whether a Docker engine answers where the Docker SDK looks (a quick ping)."""
+    try:
+        probe = docker.from_env(timeout=int(max(timeout, 1)))
+    except docker.errors.DockerException:
+        return False
+    try:
+        return bool(probe.ping())
+    except docker.errors.DockerException:
+        return False
+    finally:
+        probe.close()
+
+
 def connect() -> docker.DockerClient:
     """A client for the engine the Docker SDK finds from the environment, checked to answer."""
     try:
@@ -57,7 +76,8 @@ def connect() -> docker.DockerClient:
             f"no Docker engine answered at {engine_location()}: {exc}\n"
             "  pytest-kipik needs a Docker engine to run its Docker-in-Docker containers. "
             "Start Docker (e.g. `sudo systemctl start docker`, or Docker Desktop), or point "
-            "DOCKER_HOST at a running engine; `docker version` must show a Server section."
+            "DOCKER_HOST at a running engine; `docker version` must show a Server section. "
+            "Inside a Kubernetes pod, use --kipik-backend=pod."
         ) from None
 
 
@@ -79,6 +99,19 @@ def ensure_image(client: docker.DockerClient, image: str, report: Reporter) -> N
         ) from None
 
 
+def image_stream(client: docker.DockerClient, image: str) -> tuple[str, Iterator[bytes]] | None:
+    """``(image id, docker save stream)`` of a local image, or None when the engine lacks it.
+
+    The archive names the image by id only: a digest-pinned reference cannot be loaded under
+    its name, so whoever loads it tags it afterwards.
+    """
+    try:
+        local = client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return None
+    return str(local.id), local.save(chunk_size=_STREAM_CHUNK, named=False)
+
+
 def _engine_address(client: docker.DockerClient) -> str:
     """The address published ports of this engine are reached at from the test process."""
     url = urlparse(str(client.api.base_url))
@@ -87,32 +120,19 @@ def _engine_address(client: docker.DockerClient) -> str:
     return "127.0.0.1"
 
 
-class _Lines:
-    """Collects one output stream; forwards its complete lines to ``sink``, if any."""
-
-    def __init__(self, sink: OutputSink | None) -> None:
-        self.sink = sink
-        self.chunks: list[bytes] = []
-        self.pending = b""
-
-    def add(self, data: bytes) -> None:
-        self.chunks.append(data)
-        if self.sink is not None:
-            *lines, self.pending = (self.pending + data).split(b"\n")
-            for line in lines:
-                self.sink(line.decode("utf-8", "replace"))
-
-    def flush(self) -> None:
-        if self.pending and self.sink is not None:
-            self.sink(self.pending.decode("utf-8", "replace"))
-        self.pending = b""
-
-    def text(self) -> str:
-        return b"".join(self.chunks).decode("utf-8", "replace")
+def _describe_owner(found: Mapping[str, str]) -> str:
+    run = found.get(lbl.RUN_ID)
+    if run is None:
+        return "it was not made by pytest-kipik (no kipik.io/ labels)"
+    keep = " and is kept (kipik.io/keep=true)" if found.get(lbl.KEEP) else ""
+    return (
+        f"it belongs to kipik run {run} of {found.get(lbl.OWNER_HOST, '?')} "
+        f"pid {found.get(lbl.OWNER_PID, '?')}{keep}"
+    )
 
 
 class DockerHost:
-    """One privileged DinD container (plus its volume) for one nested cluster."""
+    """One privileged DinD container (plus its anonymous volume) for one nested cluster."""
 
     def __init__(
         self,
@@ -120,54 +140,68 @@ class DockerHost:
         *,
         image: str,
         name: str,
-        labels: dict[str, str],
+        labels: Mapping[str, str],
         inner_ports: Sequence[int],
     ) -> None:
         self.client = client
         self.image = image
         self._name = name
-        self.labels = labels
+        self.labels = dict(labels)
         self.inner_ports = list(inner_ports)
         self.address = _engine_address(client)
         self.container: Container | None = None
-        self.volume: Volume | None = None
 
     @property
     def name(self) -> str:
         """The DinD container's name."""
         return self._name
 
-    @property
-    def volume_name(self) -> str:
-        """The name of the volume at /var/lib/docker."""
-        return f"{self._name}-docker"
-
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create the labelled volume and start the privileged container."""
-        self.volume = self.client.volumes.create(
-            name=self.volume_name, labels={**self.labels, lbl.ROLE: "docker-data"}
+    def _clash(self, found: Container) -> NameClashError:
+        return NameClashError(
+            f"a container named {self._name} already exists ({found.short_id}, "
+            f"{found.status}): {_describe_owner(found.labels)}. kipik leaves it alone. "
+            "Remove it yourself if it is stale, or choose another --kipik-name-prefix."
         )
+
+    def start(self) -> None:
+        """Start the privileged container with a labelled anonymous volume for the daemon."""
+        try:
+            raise self._clash(self.client.containers.get(self._name))
+        except docker.errors.NotFound:
+            pass
         bind_ip = "127.0.0.1" if self.address == "127.0.0.1" else "0.0.0.0"
         try:
             self.container = self.client.containers.run(  # type: ignore[call-overload]
                 self.image,
+                command=inner_dockerd_args(),
                 name=self._name,
                 hostname=self._name,
                 detach=True,
                 privileged=True,
                 labels=self.labels,
-                volumes={
-                    self.volume_name: {"bind": "/var/lib/docker", "mode": "rw"},
+                mounts=[
+                    # anonymous: no name to clash with, removed together with the container
+                    Mount(
+                        "/var/lib/docker",
+                        None,
+                        type="volume",
+                        labels={**self.labels, lbl.ROLE: "docker-data"},
+                    ),
                     # kind binds /lib/modules into its nodes (kube-proxy loads modules)
-                    "/lib/modules": {"bind": "/lib/modules", "mode": "ro"},
-                },
+                    Mount("/lib/modules", "/lib/modules", type="bind", read_only=True),
+                ],
                 ports={f"{port}/tcp": (bind_ip, None) for port in self.inner_ports},
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageError(f"the DinD image {self.image!r} does not exist: {exc}") from None
         except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # created meanwhile by someone else
+                try:
+                    raise self._clash(self.client.containers.get(self._name)) from None
+                except docker.errors.NotFound:
+                    pass
             raise HostError(
                 f"the Docker engine refused to start the privileged DinD container "
                 f"{self._name} from {self.image}: {exc.explanation or exc}"
@@ -199,35 +233,45 @@ class DockerHost:
             f"docker exec {self._name} tail -n 50 {DAEMON_LOG}",
         )
 
+    def _ours(self) -> Container | None:
+        """Our container: the one we started, else one of this name carrying our run id."""
+        if self.container is not None:
+            return self.container
+        try:
+            found = self.client.containers.get(self._name)
+        except docker.errors.NotFound:
+            return None
+        if found.labels.get(lbl.RUN_ID) != self.labels.get(lbl.RUN_ID):
+            return None  # not ours: never remove another run's or another tool's container
+        return found
+
     def remove(self) -> None:
-        """Remove the container (force) and its volume; missing ones are fine."""
-        problems: list[str] = []
+        """Remove our container and its volumes (force); nothing that is not ours."""
         try:
-            container = self.container or self.client.containers.get(self._name)
-            container.remove(force=True, v=True)
+            container = self._ours()
+            if container is not None:
+                container.remove(force=True, v=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.DockerException as exc:
-            problems.append(f"container {self._name}: {exc}")
-        self.container = None
-        try:
-            volume = self.volume or self.client.volumes.get(self.volume_name)
-            volume.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.DockerException as exc:
-            problems.append(f"volume {self.volume_name}: {exc}")
-        self.volume = None
-        if problems:
             raise HostError(
-                "could not remove everything: "
-                + "; ".join(problems)
-                + f"\n  remove by hand: {self.removal_command()}"
-            )
+                f"could not remove the DinD container {self._name}: {exc}\n"
+                f"  remove by hand: {self.removal_command()}"
+            ) from None
+        except OSError as exc:  # the engine's connection itself failed
+            raise HostError(
+                f"could not remove the DinD container {self._name}: {exc}\n"
+                f"  remove by hand: {self.removal_command()}"
+            ) from None
+        self.container = None
 
     def removal_command(self) -> str:
-        """How to remove this host by hand."""
-        return f"docker rm --force --volumes {self._name} && docker volume rm {self.volume_name}"
+        """How to remove this host by hand (its volume goes with it)."""
+        return f"docker rm --force --volumes {self._name}"
+
+    def how_to_use(self, kubeconfig: str) -> str:
+        """The published port outlives the session: the kubeconfig works as it is."""
+        return f"kubectl --kubeconfig {kubeconfig} get nodes"
 
     # -- reaching it -----------------------------------------------------------------------
 
@@ -239,6 +283,10 @@ class DockerHost:
         if not bindings:
             raise HostError(f"port {inner_port} of {self._name} is not published")
         return Endpoint(self.address, int(bindings[0]["HostPort"]))
+
+    def outer_addresses(self) -> dict[str, str]:
+        """None: the test process reaches the DinD through a published port, never routed."""
+        return {}
 
     def cert_sans(self) -> list[str]:
         """The address kubeconfigs name must be in the API server certificate."""
@@ -263,10 +311,9 @@ class DockerHost:
         container = self._running()
         args = list(argv)
         where = ["docker", "exec", *(["-i"] if stdin is not None else []), self._name]
-        log_command(args, where)
         api = self.client.api
 
-        def run() -> CommandResult:
+        def run(out: Output, err: Output) -> int:
             exec_id = api.exec_create(
                 container.id, args, stdin=stdin is not None, stdout=True, stderr=True
             )["Id"]
@@ -274,8 +321,6 @@ class DockerHost:
             # to, half-closed so the command sees the end of its input, and closed at the end.
             sock: Any = api.exec_start(exec_id, socket=True)
             raw: Any = getattr(sock, "_sock", sock)
-            out = _Lines(None)
-            err = _Lines(on_output)
             try:
                 if stdin is not None:
                     for chunk in stdin:
@@ -286,13 +331,10 @@ class DockerHost:
             finally:
                 sock.close()
                 raw.close()
-            err.flush()
             code = api.exec_inspect(exec_id)["ExitCode"]
-            return CommandResult(
-                args, -1 if code is None else int(code), out.text(), err.text(), where=where
-            )
+            return -1 if code is None else int(code)
 
-        return bounded(run, timeout=timeout, what=f"`{shlex.join(where + args)}`")
+        return run_in(where, args, run, timeout=timeout, on_output=on_output)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         """Put one file into the DinD container (parent directories included)."""
@@ -314,21 +356,23 @@ class DockerHost:
         if not container.put_archive("/", buffer.getvalue()):
             raise HostError(f"could not write {path} into {self._name}")
 
-    def load_image(self, image: str, timeout: float) -> bool:
-        """Stream ``image`` from the local engine into the inner daemon (``docker load``)."""
-        try:
-            local = self.client.images.get(image)
-        except docker.errors.ImageNotFound:
-            return False
-        named = image if image in local.tags else (local.tags[0] if local.tags else image)
-        chunks: Iterator[bytes] = local.save(chunk_size=_STREAM_CHUNK, named=named)
-        result = self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
-        if result.exit_code != 0:
-            raise HostError(
-                f"streaming {image} into {self._name} failed: {result.stderr.strip()}\n"
-                f"  inner daemon log:\n{self.daemon_log(20)}"
-            )
-        return True
+    def load_image(self, image: str, timeout: float) -> str | None:
+        """Stream ``image`` from the local engine into the inner daemon, then tag it there."""
+        found = image_stream(self.client, image)
+        if found is None:
+            return None
+        image_id, chunks = found
+        loaded = self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
+        inner = inner_reference(image)
+        if loaded.exit_code == 0:
+            tagged = self.exec(["docker", "tag", image_id, inner], timeout=60)
+            if tagged.exit_code == 0:
+                return inner
+            loaded = tagged
+        raise HostError(
+            f"moving {image} into {self._name} failed: {loaded.stderr.strip()}\n"
+            f"  inner daemon log:\n{self.daemon_log(20)}"
+        )
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the container's output."""
@@ -351,11 +395,65 @@ class DockerHost:
             return f"(container output unavailable: {exc})"
 
 
-def list_owned(
-    client: docker.DockerClient, run_id: str | None = None
-) -> tuple[list[Container], list[Volume]]:
+def owned_resources(client: docker.DockerClient, run_id: str | None = None) -> list[Owned]:
     """Containers and volumes kipik created (all runs, or the run ``run_id``)."""
     selector = f"{lbl.RUN_ID}={run_id}" if run_id else lbl.RUN_ID
     containers = client.containers.list(all=True, filters={"label": selector})
     volumes = client.volumes.list(filters={"label": selector})
-    return containers, volumes
+    return [Owned("container", str(c.name), dict(c.labels)) for c in containers] + [
+        Owned("volume", str(v.name), dict(v.attrs.get("Labels") or {})) for v in volumes
+    ]
+
+
+class DockerBackend:
+    """DinD containers on the local Docker engine (found like the Docker SDK finds it)."""
+
+    name = "docker"
+
+    def __init__(self, image: str | None, report: Reporter) -> None:
+        self.image = image
+        self.report = report
+        self._client: docker.DockerClient | None = None
+        self._dind_image: str | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The engine's client (connected on first use)."""
+        if self._client is None:
+            self._client = connect()
+        return self._client
+
+    def connect(self) -> None:
+        """Check now that the engine answers (raises DockerUnavailableError)."""
+        assert self.client is not None
+
+    def describe(self) -> str:
+        """Where DinD containers run."""
+        return f"docker engine at {engine_location()}"
+
+    def _image(self) -> str:
+        if self._dind_image is None:
+            if self.image:
+                ensure_image(self.client, self.image, self.report)
+                self._dind_image = self.image
+            else:
+                self._dind_image = ensure_default_image(self.client, self.report)
+        return self._dind_image
+
+    def make_host(
+        self, name: str, labels: Mapping[str, str], inner_ports: Sequence[int]
+    ) -> DockerHost:
+        """A DinD container named ``name`` (not started yet)."""
+        return DockerHost(
+            self.client, image=self._image(), name=name, labels=labels, inner_ports=inner_ports
+        )
+
+    def list_owned(self, run_id: str | None = None) -> list[Owned]:
+        """Containers and volumes kipik made on this engine."""
+        return owned_resources(self.client, run_id)
+
+    def close(self) -> None:
+        """Close the engine connection."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -42,11 +42,50 @@ def test_header_shows_values_and_their_sources(
         [
             "kipik: backend=auto (default), image=dind:cli (cli), node_image=node:ini (ini), "
             "kind_config=- (default), timeout=120s (env), keep=True (cli), "
-            "name_prefix=kipik (default)",
+            "name_prefix=kipik (default), pod_subnet=100.96.0.0/16 (default), "
+            "service_subnet=100.97.0.0/16 (default)",
+            "kipik: backend docker (auto: not running in a Kubernetes pod)",
             "kipik: docker engine: unix:///var/run/docker.sock "
             "(the default; DOCKER_HOST is not set)",
         ]
     )
+
+
+def test_header_shows_the_pod_settings_with_the_pod_backend(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KIPIK_NAMESPACE", "ci")
+    result = pytester.runpytest("--kipik-backend=pod", "--kipik-image=reg/dind:1", "--co")
+    result.stdout.fnmatch_lines(
+        [
+            "kipik: backend pod (from cli)",
+            "kipik pod: outer_kubeconfig=- (default), outer_context=- (default), "
+            "namespace=ci (env), pod_template=- (default), service_account=- (default), "
+            "docker_storage=- (default)",
+        ]
+    )
+
+
+def test_pod_backend_without_an_image_says_how_to_make_one(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(USES_CLUSTER)
+    result = pytester.runpytest("--kipik-backend=pod")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*the pod backend needs --kipik-image: a DinD image the outer cluster's nodes can pull*"]
+    )
+    assert "docker build -t REGISTRY/kipik-dind:1 image/" in result.stderr.str()
+
+
+def test_unknown_top_level_kind_field_warns_and_passes(pytester: pytest.Pytester) -> None:
+    pytester.makefile(
+        ".yaml", kind="kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nfutureField: 1\n"
+    )
+    result = pytester.runpytest("--kipik-kind-config=kind.yaml", "--co", "-W", "default")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    result.stdout.fnmatch_lines(
+        ["*kind v0.32.0 has no top-level field 'futureField'; it is passed on to the kind in "
+         "the DinD image*"]
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -54,7 +93,7 @@ def test_header_shows_values_and_their_sources(
     [
         (["--kipik-backend=podman"], {},
          "*pytest-kipik: invalid backend from command-line option --kipik-backend: 'podman' is "
-         "not a backend: use one of auto, docker*"),
+         "not a backend: use one of auto, docker, pod*"),
         ([], {"KIPIK_TIMEOUT": "soon"},
          "*invalid timeout from environment variable KIPIK_TIMEOUT: 'soon' is not a duration*"),
         ([], {"KIPIK_KEEP": "perhaps"},
@@ -88,9 +127,9 @@ def test_ini_values_are_validated_and_named(pytester: pytest.Pytester) -> None:
     [
         ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodes: [\n", "not valid YAML: *"),
         ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha3\n",
-         "apiVersion must be 'kind.x-k8s.io/v1alpha4' (the one kind supports), found*"),
-        ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodez: []\n",
-         "line 3: unknown field 'nodez' in Cluster*"),
+         "line 2: apiVersion must be 'kind.x-k8s.io/v1alpha4' (the one kind supports), found*"),
+        ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodes: {}\n",
+         "line 3: nodes must be a list*"),
     ],
 )  # fmt: skip
 def test_broken_kind_config_fails_fast_naming_file_and_problem(

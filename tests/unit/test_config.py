@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "timeout": ("--kipik-timeout", "kipik_timeout", "KIPIK_TIMEOUT"),
         "keep": ("--kipik-keep", "kipik_keep", "KIPIK_KEEP"),
         "name_prefix": ("--kipik-name-prefix", "kipik_name_prefix", "KIPIK_NAME_PREFIX"),
+        "pod_subnet": ("--kipik-pod-subnet", "kipik_pod_subnet", "KIPIK_POD_SUBNET"),
+        "service_subnet": ("--kipik-service-subnet", "kipik_service_subnet", "KIPIK_SERVICE_SUBNET"),
+        "outer_kubeconfig": (
+            "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
+        ),
+        "outer_context": ("--kipik-outer-context", "kipik_outer_context", "KIPIK_OUTER_CONTEXT"),
+        "namespace": ("--kipik-namespace", "kipik_namespace", "KIPIK_NAMESPACE"),
+        "pod_template": ("--kipik-pod-template", "kipik_pod_template", "KIPIK_POD_TEMPLATE"),
+        "service_account": (
+            "--kipik-service-account", "kipik_service_account", "KIPIK_SERVICE_ACCOUNT"
+        ),
+        "docker_storage": ("--kipik-docker-storage", "kipik_docker_storage", "KIPIK_DOCKER_STORAGE"),
+    }  # fmt: skip
+    assert {s.name for s in SETTINGS} == {f.name for f in dataclasses.fields(KipikConfig)} - {
+        "sources"
     }
 
 
@@ -31,7 +47,10 @@ def test_defaults(tmp_path: Path) -> None:
         timeout=300.0,
         keep=False,
         name_prefix="kipik",
+        pod_subnet="100.96.0.0/16",
+        service_subnet="100.97.0.0/16",
     )
+    assert config == KipikConfig()  # the declared defaults are the resolved ones
     assert set(config.sources.values()) == {"default"}
 
 
@@ -57,6 +76,7 @@ def test_cli_beats_env_beats_ini_beats_default(tmp_path: Path) -> None:
         "timeout": "env",
         "keep": "default",
         "name_prefix": "env",
+        **{s.name: "default" for s in SETTINGS[7:]},
     }
 
 
@@ -70,6 +90,16 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
         "timeout=90s (env)",
         "keep=True (cli)",
         "name_prefix=kipik (default)",
+        "pod_subnet=100.96.0.0/16 (default)",
+        "service_subnet=100.97.0.0/16 (default)",
+    ]
+    assert config.describe("pod") == [
+        "outer_kubeconfig=- (default)",
+        "outer_context=- (default)",
+        "namespace=- (default)",
+        "pod_template=- (default)",
+        "service_account=- (default)",
+        "docker_storage=- (default)",
     ]
 
 
@@ -100,7 +130,27 @@ def test_parse_bool(text: str, value: bool) -> None:
         (
             {"backend": "podman"},
             "invalid backend from command-line option --kipik-backend: 'podman' is not a "
-            "backend: use one of auto, docker",
+            "backend: use one of auto, docker, pod",
+        ),
+        (
+            {"pod_subnet": "10.0.0.0/33"},
+            "invalid pod_subnet from command-line option --kipik-pod-subnet: '10.0.0.0/33' is "
+            "not a subnet in CIDR form",
+        ),
+        (
+            {"namespace": "Not_A_Namespace"},
+            "invalid namespace from command-line option --kipik-namespace: 'Not_A_Namespace' is "
+            "not a valid namespace name",
+        ),
+        (
+            {"docker_storage": "lots"},
+            "invalid docker_storage from command-line option --kipik-docker-storage: 'lots' is "
+            "not a Kubernetes quantity",
+        ),
+        (
+            {"outer_kubeconfig": "/nonexistent/kubeconfig"},
+            "invalid outer_kubeconfig from command-line option --kipik-outer-kubeconfig: "
+            "'/nonexistent/kubeconfig' is not a file",
         ),
         (
             {"keep": "maybe"},

@@ -101,10 +101,6 @@ def test_argv_builders() -> None:
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
           "--retain"]  # fmt: skip
     assert kind.get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
-    assert kind.delete_argv("demo") == ["kind", "delete", "cluster", "--name", "demo"]
-    assert kind.export_logs_argv("demo", "/tmp/l") == [
-        "kind", "export", "logs", "/tmp/l", "--name", "demo",
-    ]  # fmt: skip
     assert kind.ClusterPaths.for_cluster("demo") == kind.ClusterPaths(
         config="/kipik/demo/kind-config.yaml", kubeconfig="/kipik/demo/kubeconfig"
     )
@@ -136,21 +132,23 @@ def test_validate_accepts_a_full_config() -> None:
         ("nodes: [", "not valid YAML: "),
         ("- a\n- b\n", "expected a kind Cluster mapping with kind and apiVersion"),
         ("kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha3\n",
-         "apiVersion must be 'kind.x-k8s.io/v1alpha4' (the one kind supports), "
+         "line 2: apiVersion must be 'kind.x-k8s.io/v1alpha4' (the one kind supports), "
          "found 'kind.x-k8s.io/v1alpha3'"),
         ("kind: Config\napiVersion: kind.x-k8s.io/v1alpha4\n",
-         "kind must be 'Cluster', found 'Config'"),
-        (HEADER + "nodez: []\n", "line 3: unknown field 'nodez' in Cluster (known fields: "),
-        (HEADER + "networking:\n  apiServerPorts: 1\n",
-         "line 4: unknown field 'apiServerPorts' in Cluster.networking"),
-        (HEADER + "nodes:\n- role: worker\n  imag: x\n",
-         "line 5: unknown field 'imag' in Cluster.nodes[0]"),
-        (HEADER + "nodes:\n- role: boss\n", "nodes[0].role is 'boss': use one of"),
+         "line 1: kind must be 'Cluster', found 'Config'"),
+        (HEADER + "networking:\n  apiServerPort: '1'\n",
+         "line 4: networking.apiServerPort must be a number, found '1'"),
+        (HEADER + "networking:\n  podSubnet: 10\n",
+         "line 4: networking.podSubnet must be a string, found 10"),
+        (HEADER + "networking: []\n", "line 3: networking must be a mapping"),
+        (HEADER + "nodes:\n- role: worker\n  image: [x]\n",
+         "line 4: nodes[0].image must be a string"),
+        (HEADER + "nodes:\n- role: boss\n", "line 4: nodes[0].role is 'boss': use one of"),
         (HEADER + "nodes:\n- role: worker\n",
          "nodes needs at least one node with role control-plane"),
-        (HEADER + "nodes: {role: worker}\n", "line 3: Cluster.nodes must be a list"),
+        (HEADER + "nodes: {role: worker}\n", "line 3: nodes must be a list"),
         (HEADER + "kubeadmConfigPatches:\n- 'a: [b'\n",
-         "kubeadmConfigPatches[0] is not valid YAML"),
+         "line 4: kubeadmConfigPatches[0] is not valid YAML"),
     ],
 )  # fmt: skip
 def test_validate_rejects_like_kind(body: str, message: str) -> None:
@@ -161,7 +159,74 @@ def test_validate_rejects_like_kind(body: str, message: str) -> None:
 
 def test_load_user_config_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "kind.yaml"
-    path.write_text(HEADER + "nodez: []\n")
+    path.write_text(HEADER + "nodes: {}\n")
     with pytest.raises(ConfigError) as info:
         kind.load_user_config(path)
-    assert str(info.value).startswith(f"kind config file {path}: line 3: unknown field 'nodez'")
+    assert str(info.value) == f"kind config file {path}: line 3: nodes must be a list"
+
+
+def test_fields_kipik_does_not_read_pass_through_with_unknown_ones_named() -> None:
+    text = HEADER + (
+        "nodes:\n- role: control-plane\n  extraMounts: [{hostPath: /a, containerPath: /b}]\n"
+        "  someNewNodeField: true\n"
+        "containerdConfigPatches: ['x']\nfutureTopLevel: {a: 1}\n"
+    )
+    user = kind.validate_user_config(text)
+    assert kind.unknown_fields(user) == ["futureTopLevel"]
+    config = kind.build_config(user, name="demo", cert_sans=[])
+    assert config["futureTopLevel"] == {"a": 1}
+    assert config["nodes"][0]["someNewNodeField"] is True
+    assert config["nodes"][0]["extraMounts"] == [{"hostPath": "/a", "containerPath": "/b"}]
+
+
+def test_build_config_sets_subnets_only_where_the_user_set_none() -> None:
+    user = kind.validate_user_config(HEADER + "networking:\n  podSubnet: 10.250.0.0/16\n")
+    config = kind.build_config(
+        user, name="d", cert_sans=[], pod_subnet="100.96.0.0/16", service_subnet="100.97.0.0/16"
+    )
+    assert config["networking"]["podSubnet"] == "10.250.0.0/16"
+    assert config["networking"]["serviceSubnet"] == "100.97.0.0/16"
+    assert kind.subnets(user, "100.96.0.0/16", "100.97.0.0/16") == {
+        "podSubnet": "10.250.0.0/16",
+        "serviceSubnet": "100.97.0.0/16",
+    }
+    ipv6 = kind.validate_user_config(HEADER + "networking:\n  ipFamily: ipv6\n")
+    config = kind.build_config(ipv6, name="d", cert_sans=[], pod_subnet="100.96.0.0/16")
+    assert "podSubnet" not in config["networking"]
+
+
+def test_build_config_names_loaded_images_as_the_inner_daemon_knows_them() -> None:
+    pinned = "kindest/node:v1.31.0@sha256:" + "a" * 64
+    user = kind.validate_user_config(
+        HEADER + f"nodes:\n- role: control-plane\n  image: {pinned}\n- role: worker\n"
+        "  image: other:1\n"
+    )
+    assert kind.node_images(user, None) == [pinned, "other:1"]
+    assert kind.node_images(user, "given:2") == ["given:2"]
+    config = kind.build_config(
+        user, name="d", cert_sans=[], images={pinned: "kindest/node:v1.31.0"}
+    )
+    assert [n["image"] for n in config["nodes"]] == ["kindest/node:v1.31.0", "other:1"]
+    assert user["nodes"][0]["image"] == pinned  # the caller's config is not modified
+
+
+@pytest.mark.parametrize(
+    ("subnets", "addresses", "problem"),
+    [
+        ({"podSubnet": "10.244.0.0/16"}, {"this pod's IP": "10.244.3.7"},
+         "the nested cluster's podSubnet 10.244.0.0/16 contains 10.244.3.7 (this pod's IP)"),
+        ({"serviceSubnet": "10.96.0.0/12"}, {"the outer API service": "10.96.0.1"},
+         "the nested cluster's serviceSubnet 10.96.0.0/12 contains 10.96.0.1"),
+        ({"podSubnet": "100.96.0.0/16"}, {"a": "10.244.0.5", "b": "kubernetes.default"}, None),
+    ],
+)  # fmt: skip
+def test_check_no_overlap(
+    subnets: dict[str, str], addresses: dict[str, str], problem: str | None
+) -> None:
+    if problem is None:
+        kind.check_no_overlap(subnets, addresses)
+        return
+    with pytest.raises(ConfigError) as info:
+        kind.check_no_overlap(subnets, addresses)
+    assert str(info.value).startswith(problem)
+    assert "--kipik-pod-subnet" in str(info.value)

@@ -37,13 +37,26 @@ def test_owner_labels() -> None:
         "kipik.io/run-id": "r1",
         "kipik.io/cluster": "c",
         "kipik.io/role": "dind",
-        "kipik.io/owner-host": socket.gethostname(),
+        "kipik.io/owner-host": labels.label_value(socket.gethostname()),
         "kipik.io/owner-pid": str(os.getpid()),
-        "kipik.io/created-at": "2026-11-22T03:04:05Z",
+        "kipik.io/created-at": "20261122T030405Z",
         "kipik.io/worker": "main",
     }
     kept = labels.owner_labels(run_id="r1", cluster="c", role="dind", worker="gw0", keep=True)
     assert (kept["kipik.io/keep"], kept["kipik.io/worker"]) == ("true", "gw0")
+    for value in [*got.values(), *kept.values()]:  # valid for Docker and Kubernetes alike
+        assert labels.LABEL_VALUE_RE.match(value) and len(value) <= 63, value
+    assert labels.parse_timestamp(got["kipik.io/created-at"]) == now
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("ci-runner_7.example.com", "ci-runner_7.example.com"), ("-weird:host/name-", "weird-host-name"),
+     ("x" * 80, "x" * 63), ("::", "")],
+)  # fmt: skip
+def test_label_value_makes_any_text_a_valid_label_value(text: str, value: str) -> None:
+    assert labels.label_value(text) == value
+    assert labels.LABEL_VALUE_RE.match(value)
 
 
 def test_wait_until_returns_once_the_check_passes() -> None:

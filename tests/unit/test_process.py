@@ -1,11 +1,12 @@
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pytest_kipik.errors import CommandError, KindError, KipikError
-from pytest_kipik.process import CommandResult, bounded, run
+from pytest_kipik.errors import CommandError, CommandTimeout, KindError, KipikError
+from pytest_kipik.process import CommandResult, Output, run, run_in
 
 
 def test_run_captures_both_streams() -> None:
@@ -64,11 +65,49 @@ def test_kind_error_shows_kind_stderr_and_daemon_log_tail() -> None:
     assert "line 29\n" not in text
 
 
-def test_bounded_returns_raises_and_gives_up() -> None:
-    assert bounded(lambda: 42, timeout=5, what="x") == 42
+def test_run_in_collects_streams_and_forwards_stderr_lines() -> None:
+    lines: list[str] = []
+
+    def runner(out: Output, err: Output) -> int:
+        out.add(b"result\n")
+        err.add(b"step one\nstep t")
+        err.add(b"wo\nlast")
+        return 3
+
+    result = run_in(["docker", "exec", "h"], ["kind", "x"], runner, timeout=5, on_output=lines.append)
+    assert result == CommandResult(
+        ["kind", "x"], 3, "result\n", "step one\nstep two\nlast", where=["docker", "exec", "h"]
+    )
+    assert lines == ["step one", "step two", "last"]
+
+
+def test_run_in_passes_errors_through() -> None:
+    def runner(out: Output, err: Output) -> int:
+        raise ValueError("inner")
+
     with pytest.raises(ValueError, match="inner"):
-        bounded(lambda: (_ for _ in ()).throw(ValueError("inner")), timeout=5, what="x")
+        run_in([], ["x"], runner, timeout=5)
+
+
+def test_run_in_timeout_carries_the_output_seen_so_far() -> None:
+    release = threading.Event()
+
+    def runner(out: Output, err: Output) -> int:
+        out.add(b"partial out\n")
+        err.add(b"Creating cluster ...\n")
+        release.wait(10)
+        return 0
+
     start = time.monotonic()
-    with pytest.raises(KipikError, match="`slow` did not finish within 0s"):
-        bounded(lambda: time.sleep(3), timeout=0.2, what="`slow`")
+    with pytest.raises(CommandTimeout) as info:
+        run_in(["docker", "exec", "h"], ["kind", "create"], runner, timeout=0.3)
+    release.set()
     assert time.monotonic() - start < 2
+    assert (info.value.stdout, info.value.stderr) == ("partial out\n", "Creating cluster ...\n")
+    assert str(info.value).startswith(
+        "command did not finish within 0s: docker exec h kind create\n"
+    )
+    text = str(KindError("create cluster 'x'", info.value, "daemon line"))
+    assert text.startswith("kind failed to create cluster 'x' (did not finish within 0s)")
+    assert "Creating cluster ..." in text
+    assert "daemon line" in text
