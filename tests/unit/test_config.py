@@ -20,7 +20,9 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "keep": ("--kipik-keep", "kipik_keep", "KIPIK_KEEP"),
         "name_prefix": ("--kipik-name-prefix", "kipik_name_prefix", "KIPIK_NAME_PREFIX"),
         "pod_subnet": ("--kipik-pod-subnet", "kipik_pod_subnet", "KIPIK_POD_SUBNET"),
-        "service_subnet": ("--kipik-service-subnet", "kipik_service_subnet", "KIPIK_SERVICE_SUBNET"),
+        "service_subnet": (
+            "--kipik-service-subnet", "kipik_service_subnet", "KIPIK_SERVICE_SUBNET"
+        ),
         "outer_kubeconfig": (
             "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
         ),
@@ -30,7 +32,9 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "service_account": (
             "--kipik-service-account", "kipik_service_account", "KIPIK_SERVICE_ACCOUNT"
         ),
-        "docker_storage": ("--kipik-docker-storage", "kipik_docker_storage", "KIPIK_DOCKER_STORAGE"),
+        "docker_storage": (
+            "--kipik-docker-storage", "kipik_docker_storage", "KIPIK_DOCKER_STORAGE"
+        ),
     }  # fmt: skip
     assert {s.name for s in SETTINGS} == {f.name for f in dataclasses.fields(KipikConfig)} - {
         "sources"

@@ -45,14 +45,15 @@ def test_owner_labels() -> None:
     kept = labels.owner_labels(run_id="r1", cluster="c", role="dind", worker="gw0", keep=True)
     assert (kept["kipik.io/keep"], kept["kipik.io/worker"]) == ("true", "gw0")
     for value in [*got.values(), *kept.values()]:  # valid for Docker and Kubernetes alike
-        assert labels.LABEL_VALUE_RE.match(value) and len(value) <= 63, value
+        assert labels.LABEL_VALUE_RE.match(value), value
+        assert len(value) <= 63, value
     assert labels.parse_timestamp(got["kipik.io/created-at"]) == now
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("ci-runner_7.example.com", "ci-runner_7.example.com"), ("-weird:host/name-", "weird-host-name"),
-     ("x" * 80, "x" * 63), ("::", "")],
+    [("ci-runner_7.example.com", "ci-runner_7.example.com"),
+     ("-weird:host/name-", "weird-host-name"), ("x" * 80, "x" * 63), ("::", "")],
 )  # fmt: skip
 def test_label_value_makes_any_text_a_valid_label_value(text: str, value: str) -> None:
     assert labels.label_value(text) == value

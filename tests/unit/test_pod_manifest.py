@@ -129,6 +129,8 @@ def test_load_template_names_the_file(tmp_path: Path) -> None:
         ("127.0.0.1:5000/k/node", ("127.0.0.1:5000/k/node", None, None), "127.0.0.1:5000/k/node"),
     ],
 )  # fmt: skip
-def test_image_references(image: str, parts: tuple[str, str | None, str | None], inner: str) -> None:
+def test_image_references(
+    image: str, parts: tuple[str, str | None, str | None], inner: str
+) -> None:
     assert split_reference(image) == parts
     assert inner_reference(image) == inner

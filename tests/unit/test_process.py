@@ -74,7 +74,8 @@ def test_run_in_collects_streams_and_forwards_stderr_lines() -> None:
         err.add(b"wo\nlast")
         return 3
 
-    result = run_in(["docker", "exec", "h"], ["kind", "x"], runner, timeout=5, on_output=lines.append)
+    where = ["docker", "exec", "h"]
+    result = run_in(where, ["kind", "x"], runner, timeout=5, on_output=lines.append)
     assert result == CommandResult(
         ["kind", "x"], 3, "result\n", "step one\nstep two\nlast", where=["docker", "exec", "h"]
     )
