@@ -7,6 +7,7 @@ config fields kipik does not read reach kind; kept clusters outlive pytest's bas
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -240,10 +241,8 @@ def test_digest_pinned_node_image_works_offline(
         refs = docker_client.images.get(str(node.id)).attrs["RepoDigests"]
         for ref in [f"{repository}:dev", *refs]:
             if ref.startswith(repository):
-                try:
+                with contextlib.suppress(docker.errors.ImageNotFound):  # went with the last tag
                     docker_client.images.remove(ref)
-                except docker.errors.ImageNotFound:
-                    pass  # went with the repository's last tag
     assert leftovers() == []
 
 
