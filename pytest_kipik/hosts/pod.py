@@ -464,26 +464,28 @@ class PodHost:
                     stdout=True,
                     stderr=True,
                     tty=False,
-                    binary=True,
                     _preload_content=False,
                 )
             except ApiException as exc:
                 raise _api_failure(exc, "create", "pods/exec", self.namespace) from None
-            status = b""
+            status = Output()
+
+            def drain() -> None:
+                # text channels (every client version since 29 speaks them); output is text
+                for channel, sink in ((1, out), (2, err), (_EXEC_STATUS_CHANNEL, status)):
+                    data = ws.read_channel(channel)
+                    sink.add(data.encode() if isinstance(data, str) else data)
+
             try:
                 for chunk in stdin or ():
                     ws.write_stdin(chunk)
                 while ws.is_open():
                     ws.update(timeout=1)
-                    out.add(ws.read_channel(1))
-                    err.add(ws.read_channel(2))
-                    status += ws.read_channel(_EXEC_STATUS_CHANNEL)
-                out.add(ws.read_channel(1))
-                err.add(ws.read_channel(2))
-                status += ws.read_channel(_EXEC_STATUS_CHANNEL)
+                    drain()
+                drain()
             finally:
                 ws.close()
-            return _exit_code(status.decode("utf-8", "replace"))
+            return _exit_code(status.text())
 
         return run_in(where, args, run, timeout=timeout, on_output=on_output)
 

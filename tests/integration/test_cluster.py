@@ -84,8 +84,10 @@ def test_failing_tests_still_tear_down(
             assert nested_cluster.core_v1.list_node().items == []
         """
     )
-    result = pytester.runpytest_subprocess(*_images_args(test_images))
+    result = pytester.runpytest_subprocess(*_images_args(test_images), "-v")
     result.assert_outcomes(failed=1)
+    # at a verbose level kind's own progress reaches the terminal too
+    result.stdout.re_match_lines([r"kipik kipik-\w+: kind: .*Ensuring node image"])
     assert leftovers() == []
 
 

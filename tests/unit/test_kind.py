@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pytest_kipik import kind
-from pytest_kipik.errors import ConfigError
+from pytest_kipik.errors import CommandTimeout, ConfigError, KindError
 
 HEADER = "kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\n"
 
@@ -230,3 +230,36 @@ def test_check_no_overlap(
         kind.check_no_overlap(subnets, addresses)
     assert str(info.value).startswith(problem)
     assert "--kipik-pod-subnet" in str(info.value)
+
+
+class _TimingOutHost:
+    """Just enough of a Host for KindDriver: kind's exec runs out of time."""
+
+    name = "h"
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        self.files[path] = data
+
+    def exec(self, argv: list[str], *, timeout: float, on_output: object = None) -> object:
+        raise CommandTimeout(
+            argv, timeout, "", "Creating cluster \"demo\" ...\n ✓ Ensuring node image\n",
+            where=["docker", "exec", "h"],
+        )  # fmt: skip
+
+    def daemon_log(self, lines: int = 50) -> str:
+        return 'level=info msg="inner daemon line"'
+
+
+def test_kind_create_timeout_reports_kinds_partial_output_and_the_daemon_log() -> None:
+    host = _TimingOutHost()
+    config = kind.build_config(None, name="demo", cert_sans=[])
+    with pytest.raises(KindError) as info:
+        kind.KindDriver(host).create(config, image=None, timeout=7, retain=False)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert text.startswith("kind failed to create cluster 'demo' (did not finish within 7s): ")
+    assert "✓ Ensuring node image" in text
+    assert "inner daemon line" in text
+    assert yaml.safe_load(host.files["/kipik/demo/kind-config.yaml"])["name"] == "demo"
