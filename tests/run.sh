@@ -14,13 +14,18 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "Docker engine"
 bash tests/engine.sh
 
-if ! command -v mmdebstrap >/dev/null; then
+# mmdebstrap builds the test images' root filesystems; docker-registry is a real local registry
+# for the test of digest-pinned node images (started on 127.0.0.1 by that test, never as a service)
+if ! command -v mmdebstrap >/dev/null || ! command -v docker-registry >/dev/null; then
     if [[ $(id -u) == 0 ]]; then
-        step "installing mmdebstrap (builds the test images' root filesystems)"
+        step "installing mmdebstrap and docker-registry"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap docker-registry >/dev/null
+        # Debian starts the registry as a service on :5000; the tests start their own
+        if command -v systemctl >/dev/null; then systemctl disable --now docker-registry >/dev/null 2>&1 || :; fi
+        pkill -x docker-registry || :
     else
-        echo "mmdebstrap is missing: sudo apt-get install mmdebstrap" >&2
+        echo "mmdebstrap or docker-registry is missing: sudo apt-get install mmdebstrap docker-registry" >&2
         exit 1
     fi
 fi
