@@ -62,7 +62,7 @@ def test_name_clash_is_an_error_and_leaves_the_other_resources_alone(
         assert docker_client.volumes.get("clash-a-dind-docker").name == volume.name
     finally:
         for container in planted:
-            container.remove(force=True)
+            container.remove(force=True, v=True)  # and the image's anonymous volume
         volume.remove(force=True)
 
 
