@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import client as k8s_client
 
@@ -298,6 +299,13 @@ class ClusterFactory:
             with phase(say, name, "kubeconfig + readiness"):
                 endpoint = host.api_endpoint(kind.API_SERVER_PORT)
                 raw = kubeconfig.parse(driver.kubeconfig(name))
+                reported = kubeconfig.server_of(raw)
+                if urlsplit(reported).port != kind.API_SERVER_PORT:
+                    raise KipikError(
+                        f"kind's kubeconfig names {reported}, but kipik asked kind to publish the "
+                        f"API server on port {kind.API_SERVER_PORT} (networking.apiServerPort) "
+                        "and reaches it there; the kind in the DinD image did not honour it"
+                    )
                 directory = self._kubeconfig_dir(name)
                 if not self.config.keep:
                     undo.callback(shutil.rmtree, directory, True)
