@@ -363,8 +363,9 @@ class Cluster:
 
     # -- authentication and authorization ---------------------------------------------------
     def authenticate(self, header: str) -> Identity:
-        if header.startswith("Bearer "):
-            identity = self.tokens.get(header[len("Bearer ") :].strip())
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() == "bearer":  # in-cluster clients send "bearer"
+            identity = self.tokens.get(token.strip())
             if identity is not None:
                 return identity
         raise ApiError(401, "Unauthorized", "Unauthorized")

@@ -164,8 +164,8 @@ class PodWorker(threading.Thread):
             return "deadline"
         return None
 
-    def pause(self, seconds: float | None) -> str | None:
-        """Wait `seconds` (None: until woken), cut short by deletion or the deadline.
+    def pause(self, seconds: float | None, early: bool = False) -> str | None:
+        """Wait `seconds` (None or `early`: until woken), cut short by deletion or the deadline.
 
         Returns 'deleted' or 'deadline' when that ended the wait, else None.
         """
@@ -181,7 +181,7 @@ class PodWorker(threading.Thread):
             timeout = min([*limits, 5.0]) if limits or end is not None else None
             if self.wake.wait(timeout):
                 self.wake.clear()
-                if end is None:
+                if end is None or early:
                     return self.interrupted()
 
     def container_status(self, state: JSON, ready: bool = False) -> JSON:
@@ -249,7 +249,7 @@ class PodWorker(threading.Thread):
                 self.pod, "FailedScheduling", message=message, kind="Warning",
                 component="default-scheduler",
             )  # fmt: skip
-            if self.pause(5.0) == "deleted":
+            if self.pause(5.0, early=True) == "deleted":
                 return False
         if self.grace is not None:
             return False
