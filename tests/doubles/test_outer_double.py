@@ -24,7 +24,7 @@ from typing import Any
 import docker
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import portforward, stream
 from websocket import ABNF
 
@@ -116,7 +116,8 @@ def core(outer: OuterCluster) -> Iterator[client.CoreV1Api]:
     api_client.close()
 
 
-def pod_manifest(name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+def pod_manifest(name: str, command: list[str], **spec: Any) -> Any:
+    """A pod as a plain mapping (the client accepts these where its signatures say V1Pod)."""
     container = {"name": "main", "image": DIND_IMAGE, "command": command}
     return {
         "apiVersion": "v1",
@@ -145,21 +146,26 @@ def run_server(core: client.CoreV1Api, name: str, command: list[str]) -> None:
     )
 
 
+def read(core: client.CoreV1Api, name: str) -> Any:
+    """A pod as the client returns it (typed Any: every field of its model is optional)."""
+    return core.read_namespaced_pod(name, NS)
+
+
 def phase(core: client.CoreV1Api, name: str) -> str:
-    return str(core.read_namespaced_pod(name, NS).status.phase)
+    return str(read(core, name).status.phase)
 
 
 def gone(core: client.CoreV1Api, name: str) -> bool:
     try:
         core.read_namespaced_pod(name, NS)
     except ApiException as exc:
-        return exc.status == 404
+        return bool(exc.status == 404)
     return False
 
 
 def events(core: client.CoreV1Api, name: str) -> list[tuple[str, str]]:
     found = core.list_namespaced_event(NS, field_selector=f"involvedObject.name={name}").items
-    return [(e.reason, e.message) for e in found]
+    return [(str(e.reason), str(e.message)) for e in found]
 
 
 def exec_stream(core: client.CoreV1Api, name: str, command: list[str], **kwargs: Any) -> Any:
@@ -366,7 +372,7 @@ def test_port_forward_moves_64_mib_both_ways(core: client.CoreV1Api) -> None:
 
 def test_port_forward_to_a_closed_port_says_so_like_a_kubelet(core: client.CoreV1Api) -> None:
     run_pod(core, "box", ["sleep", "infinity"])
-    pod = core.read_namespaced_pod("box", NS)
+    pod = read(core, "box")
     forward = portforward(core.connect_get_namespaced_pod_portforward, "box", NS, ports="6443")
     sock = forward.socket(6443)
     sock.settimeout(10)
@@ -419,7 +425,7 @@ def test_forbidden_on_demand(outer: OuterCluster) -> None:
     with pytest.raises(ApiException) as denied:
         core.create_namespaced_pod(NS, pod_manifest("nope", ["true"]))
     assert denied.value.status == 403
-    assert json.loads(denied.value.body) == {
+    assert json.loads(str(denied.value.body)) == {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -430,8 +436,11 @@ def test_forbidden_on_demand(outer: OuterCluster) -> None:
         "details": {"kind": "pods"},
         "code": 403,
     }
-    review = client.AuthorizationV1Api(api_client).create_self_subject_access_review(
-        {"spec": {"resourceAttributes": {"namespace": NS, "verb": "create", "resource": "pods"}}}
+    attributes = client.V1ResourceAttributes(namespace=NS, verb="create", resource="pods")
+    review: Any = client.AuthorizationV1Api(api_client).create_self_subject_access_review(
+        client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
+        )
     )
     assert review.status.allowed is False
     outer.allow_all()
@@ -451,11 +460,11 @@ def test_pending_on_demand(outer: OuterCluster, core: client.CoreV1Api) -> None:
     core.create_namespaced_pod(NS, pod_manifest("held", ["sleep", "infinity"]))
 
     def unschedulable() -> bool:
-        conditions = core.read_namespaced_pod("held", NS).status.conditions or []
+        conditions = read(core, "held").status.conditions or []
         return any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in conditions)
 
     wait_until(unschedulable, 10, "PodScheduled=False Unschedulable")
-    pod = core.read_namespaced_pod("held", NS)
+    pod = read(core, "held")
     assert pod.status.phase == "Pending"
     assert pod.spec.node_name is None
     reasons = wait_until(lambda: events(core, "held"), 10, "a FailedScheduling event")
@@ -471,7 +480,7 @@ def test_missing_image_backs_off(core: client.CoreV1Api) -> None:
     core.create_namespaced_pod(NS, manifest)
 
     def waiting_reason() -> str:
-        statuses = core.read_namespaced_pod("ghost", NS).status.container_statuses or []
+        statuses = read(core, "ghost").status.container_statuses or []
         state = statuses[0].state if statuses else None
         return str(state.waiting.reason) if state and state.waiting else ""
 
@@ -499,7 +508,7 @@ def test_pod_security_refuses_privileged_pods(outer: OuterCluster, core: client.
     with pytest.raises(ApiException) as refused:
         core.create_namespaced_pod(NS, manifest)
     assert refused.value.status == 403
-    body = json.loads(refused.value.body)
+    body = json.loads(str(refused.value.body))
     assert body["reason"] == "Forbidden"
     assert body["message"] == (
         'pods "dind" is forbidden: violates PodSecurity "baseline:latest": hostPath volumes '
@@ -520,7 +529,7 @@ def test_invalid_pods_are_refused_like_the_api_server_does(
     with pytest.raises(ApiException) as invalid:
         core.create_namespaced_pod(NS, manifest)
     assert invalid.value.status == 422
-    body = json.loads(invalid.value.body)
+    body = json.loads(str(invalid.value.body))
     assert body["message"] == 'Pod "bad" is invalid: spec.containers[0].image: Required value'
     assert body["details"]["causes"] == [
         {
@@ -551,10 +560,10 @@ def test_invalid_pods_are_refused_like_the_api_server_does(
 def test_active_deadline_stops_the_pod(outer: OuterCluster, core: client.CoreV1Api) -> None:
     run_pod(core, "brief", ["sleep", "infinity"], activeDeadlineSeconds=2)
     wait_until(lambda: phase(core, "brief") == "Failed", 15, "the deadline to fail the pod")
-    assert core.read_namespaced_pod("brief", NS).status.reason == "DeadlineExceeded"
+    assert read(core, "brief").status.reason == "DeadlineExceeded"
 
     def terminated() -> Any:
-        pod = core.read_namespaced_pod("brief", NS)
+        pod = read(core, "brief")
         return pod if pod.status.container_statuses[0].state.terminated else None
 
     pod = wait_until(terminated, 15, "the container to be stopped")
@@ -570,14 +579,14 @@ def test_active_deadline_stops_the_pod(outer: OuterCluster, core: client.CoreV1A
 
 def test_deleting_an_owner_deletes_its_dependant(core: client.CoreV1Api) -> None:
     run_pod(core, "owner", ["sleep", "infinity"])
-    owner = core.read_namespaced_pod("owner", NS)
+    owner = read(core, "owner")
     dependant = pod_manifest("dependant", ["sleep", "infinity"])
     dependant["metadata"]["ownerReferences"] = [
         {"apiVersion": "v1", "kind": "Pod", "name": "owner", "uid": owner.metadata.uid}
     ]
     core.create_namespaced_pod(NS, dependant)
     wait_until(lambda: phase(core, "dependant") == "Running", 30, "the dependant to run")
-    deleted = core.delete_namespaced_pod("owner", NS, propagation_policy="Background")
+    deleted: Any = core.delete_namespaced_pod("owner", NS, propagation_policy="Background")
     assert deleted.metadata.deletion_timestamp is not None
     wait_until(lambda: gone(core, "owner"), 30, "the owner to go")
     wait_until(lambda: gone(core, "dependant"), 30, "the dependant to be collected")
@@ -613,7 +622,7 @@ def test_deleting_a_pod_removes_its_container_and_volumes(
     names = outer.leftovers()
     assert any(n.startswith("volume ") for n in names), names
     assert any(n.startswith("container ") for n in names), names
-    deleted = core.delete_namespaced_pod("scratch", NS, grace_period_seconds=1)
+    deleted: Any = core.delete_namespaced_pod("scratch", NS, grace_period_seconds=1)
     assert deleted.metadata.deletion_timestamp is not None
     wait_until(lambda: gone(core, "scratch"), 30, "the pod to go")
     assert outer.leftovers() == [f"network {outer.network}"]

@@ -379,7 +379,7 @@ class OuterCluster:
 
 
 def _owned(client: docker.DockerClient, instance: str) -> list[str]:
-    selector = {"label": f"{LABEL}={instance}"}
+    selector: dict[str, str | list[str] | bool] = {"label": f"{LABEL}={instance}"}
     names = [f"container {c.name}" for c in client.containers.list(all=True, filters=selector)]
     names += [f"volume {v.name}" for v in client.volumes.list(filters=selector)]
     names += [f"network {n.name}" for n in client.networks.list(filters=selector)]

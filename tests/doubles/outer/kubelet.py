@@ -678,7 +678,7 @@ class Kubelet:
         return made
 
     def token_dir(self, worker: PodWorker) -> Path:
-        directory = self.workdir / "pods" / worker.uid / "serviceaccount"
+        directory: Path = self.workdir / "pods" / worker.uid / "serviceaccount"
         directory.mkdir(parents=True, exist_ok=True)
         sa = worker.spec.get("serviceAccountName", "default")
         token = self.cluster.sa_tokens.get((worker.namespace, sa), "")
@@ -826,7 +826,10 @@ class Kubelet:
             tty=bool(container.get("tty")),
             stdin_open=bool(container.get("stdin")),
             host_config=host_config,
-            networking_config=self.docker.api.create_networking_config({self.network: endpoint}),
+            # (types-docker declares one EndpointConfig; the API takes a mapping of them)
+            networking_config=self.docker.api.create_networking_config(
+                {self.network: endpoint}  # type: ignore[arg-type]
+            ),
         )
         return str(created["Id"])
 

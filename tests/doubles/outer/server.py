@@ -26,6 +26,7 @@ import contextlib
 import copy
 import ctypes
 import datetime
+import functools
 import json
 import os
 import re
@@ -41,7 +42,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -739,7 +740,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             conn.setblocking(False)
             try:
-                return conn.recv(1) == b""
+                return bool(conn.recv(1) == b"")
             finally:
                 conn.setblocking(True)
         except (ssl.SSLWantReadError, BlockingIOError):
@@ -880,15 +881,15 @@ class Handler(BaseHTTPRequestHandler):
     ) -> Response:
         cluster = self.double.cluster
         options = body if isinstance(body, dict) else {}
-        grace_text = (query.get("gracePeriodSeconds") or [None])[0]
+        grace_text = (query.get("gracePeriodSeconds") or [""])[0]
         grace = options.get("gracePeriodSeconds")
-        if grace_text not in (None, ""):
+        if grace_text:
             try:
                 grace = int(grace_text)
             except ValueError as exc:
                 raise bad_request(f'gracePeriodSeconds: invalid value "{grace_text}"') from exc
         propagation = (
-            options.get("propagationPolicy") or (query.get("propagationPolicy") or [None])[0]
+            options.get("propagationPolicy") or (query.get("propagationPolicy") or [""])[0] or None
         )
         if resource == "pods":
             pod = cluster.delete_pod(namespace, name, grace, propagation)
@@ -941,7 +942,7 @@ class Handler(BaseHTTPRequestHandler):
     def _container_name(self, pod: JSON, query: dict[str, list[str]]) -> str:
         """ValidateContainer of the API server."""
         wanted = (query.get("container") or [""])[0]
-        names = [c["name"] for c in pod["spec"]["containers"]]
+        names: list[str] = [c["name"] for c in pod["spec"]["containers"]]
         if not wanted:
             return names[0]
         if wanted not in names:
@@ -983,15 +984,16 @@ class Handler(BaseHTTPRequestHandler):
         limit = int((query.get("limitBytes") or ["0"])[0] or 0)
         api = self.double.docker.api
         if not _flag(query, "follow", False):
-            data = api.logs(worker.container_id, **options)
-            if limit:
-                data = data[:limit]
-            return Response(200, data)
+            data: bytes = api.logs(worker.container_id, stream=False, **options)
+            return Response(200, data[:limit] if limit else data)
         self.start_stream("text/plain")
         sent = 0
         try:
-            for data in api.logs(worker.container_id, stream=True, follow=True, **options):
-                piece = data[: limit - sent] if limit else data
+            pieces: Iterator[bytes] = api.logs(
+                worker.container_id, stream=True, follow=True, **options
+            )
+            for received in pieces:
+                piece = received[: limit - sent] if limit else received
                 self.chunk(piece)
                 sent += len(piece)
                 if limit and sent >= limit:
@@ -1476,7 +1478,7 @@ class Double:
                 session.send(2 * index + 1, message.encode())
                 finish(index)
                 continue
-            endpoints[index] = ws.Endpoint(sock, lambda data, ch=2 * index: session.send(ch, data))
+            endpoints[index] = ws.Endpoint(sock, functools.partial(session.send, 2 * index))
         session.endpoints = list(endpoints.values())
         by_endpoint = {id(e): i for i, e in endpoints.items()}
 
@@ -1506,7 +1508,7 @@ class Double:
 
 def sweep(client: docker.DockerClient, instance: str, log: Callable[[str], None]) -> None:
     """Remove whatever still carries this instance's label (containers, volumes, networks)."""
-    selector = {"label": f"{LABEL}={instance}"}
+    selector: dict[str, str | list[str] | bool] = {"label": f"{LABEL}={instance}"}
     for container in client.containers.list(all=True, filters=selector):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True, v=True)

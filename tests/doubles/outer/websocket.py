@@ -270,17 +270,17 @@ class Session:
             timeout = max(0, int((linger_deadline - time.monotonic()) * 1000))
         ready = poller.poll(timeout)
         for fd, event in ready:
-            endpoint = fds.get(fd)
-            if endpoint is None:
+            target = fds.get(fd)
+            if target is None:
                 if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     self._read_client()
                 if event & select.POLLOUT:
                     self._write_client()
             else:
                 if event & select.POLLOUT:
-                    self._write_endpoint(endpoint)
+                    self._write_endpoint(target)
                 if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    self._read_endpoint(endpoint)
+                    self._read_endpoint(target)
         for endpoint in self.endpoints:
             if endpoint.shutdown_wanted and not endpoint.outbuf and not endpoint.write_closed:
                 endpoint.write_closed = True
