@@ -290,6 +290,18 @@ def test_exec_status_channel_is_what_a_kubelet_writes(core: client.CoreV1Api) ->
         "reason": "NonZeroExitCode",
         "details": {"causes": [{"reason": "ExitCode", "message": "7"}]},
     }
+    # a command that cannot start is an InternalError (returncode cannot parse it: as real)
+    resp = exec_stream(core, "box", ["no-such-command"], stdin=False)
+    resp.run_forever(timeout=30)
+    close_stream(resp)
+    assert resp.read_stdout() == ""
+    status = json.loads(resp.read_channel(3))
+    assert (status["reason"], status["code"]) == ("InternalError", 500)
+    assert status["message"].startswith(
+        "Internal error occurred: error executing command in container: failed to exec in "
+        'container: failed to start exec "'
+    )
+    assert 'exec: "no-such-command": executable file not found in $PATH' in status["message"]
 
 
 def test_exec_v5_half_closes_stdin_when_the_server_speaks_it(

@@ -1397,14 +1397,25 @@ class Double:
             session.finished = True
             session.run()
             return
+        # Docker reports a command that cannot start (exit 126) as output on stdout; a
+        # kubelet reports it as an InternalError status instead, with no output.
+        held: list[bytes] = []
+        first = [True]
+
+        def emit(channel: int, data: bytes) -> None:
+            failed_start = first[0] and data.startswith(b"OCI runtime exec failed")
+            if channel == 1 and (failed_start or held):
+                held.append(data)
+            else:
+                session.send(channel, data)
+            first[0] = False
+
         if tty:
 
             def on_data(data: bytes) -> None:
-                return session.send(1, data)
+                emit(1, data)
         else:
-            demux = ws.DockerStreamDemux(
-                lambda stream, data: session.send(1 if stream == 1 else 2, data)
-            )
+            demux = ws.DockerStreamDemux(lambda stream, data: emit(1 if stream == 1 else 2, data))
             on_data = demux.feed
         endpoint = ws.Endpoint(sock, on_data)
         session.endpoints = [endpoint]
@@ -1425,14 +1436,21 @@ class Double:
                     code = info.get("ExitCode")
                     break
                 time.sleep(0.05)
-            if code is None:
-                session.send(
-                    3,
-                    internal_error_status(
-                        "error executing command in container: the exec did not finish"
-                    ),
-                )
+            if code == 126 and held:
+                reason = b"".join(held).decode(errors="replace").strip()
+                session.send(3, internal_error_status(
+                    "error executing command in container: failed to exec in container: "
+                    f'failed to start exec "{exec_id}": {reason}'
+                ))  # fmt: skip
+            elif code is None:
+                for data in held:
+                    session.send(1, data)
+                session.send(3, internal_error_status(
+                    "error executing command in container: the exec did not finish"
+                ))  # fmt: skip
             else:
+                for data in held:
+                    session.send(1, data)
                 session.send(3, exit_status(command, int(code)))
             session.finished = True
 
@@ -1548,6 +1566,16 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        """Clean up if the test process that started this server dies without stopping it."""
+        while not double.stopped.wait(1.0):
+            if os.getppid() != parent:
+                double.log(f"parent process {parent} is gone")
+                double.shutdown()
+
+    threading.Thread(target=orphaned, daemon=True, name="parent watch").start()
     try:
         double.serve()
     finally:
