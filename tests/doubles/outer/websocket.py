@@ -202,6 +202,7 @@ class Session:
         self.on_endpoint_eof: Callable[[Endpoint], None] = lambda endpoint: None
         self.client_closed = False  # the client sent a close frame or the socket ended
         self.close_sent = False
+        self.half_closed = False
         self.finished = False
         self.broken = False
 
@@ -227,6 +228,13 @@ class Session:
                 if self.close_sent and not self.out:
                     if self.client_closed or self.broken:
                         return
+                    if not self.half_closed:
+                        # FIN after the close frame (as a server that closes its connection
+                        # would send), but keep reading until the client's close: wakes clients
+                        # that poll the raw socket, and loses nothing still in flight.
+                        self.half_closed = True
+                        with contextlib.suppress(OSError):
+                            socket.socket.shutdown(self.tls, socket.SHUT_WR)
                     if linger_deadline is None:
                         linger_deadline = time.monotonic() + linger
                     elif time.monotonic() > linger_deadline:
