@@ -30,9 +30,9 @@ from kubernetes.stream import portforward, stream
 from kubernetes.stream.ws_client import WSClient
 from websocket import ABNF
 
-from tests.doubles.outer import DIND_IMAGE, OuterCluster, OuterClusterError
-
-pytestmark = pytest.mark.docker
+from tests.doubles.outer import DIND_IMAGE, OuterCluster, OuterClusterError, podspec
+from tests.doubles.outer import websocket as ws
+from tests.doubles.outer.kubelet import expand, normalize_image
 
 NS = "kipik-test"
 BIG = 64 << 20
@@ -243,6 +243,7 @@ def read_frames(resp: Any) -> tuple[bytes, bytes]:
 
 
 # -- exec ----------------------------------------------------------------------------------------
+@pytest.mark.docker
 def test_exec_moves_64_mib_both_ways_and_reports_exit_codes(core: client.CoreV1Api) -> None:
     run_pod(core, "box", ["sleep", "infinity"])
     payload = os.urandom(BIG)
@@ -286,6 +287,7 @@ def test_exec_moves_64_mib_both_ways_and_reports_exit_codes(core: client.CoreV1A
     assert resp.read_stdout() == payload[: 4 << 20]
 
 
+@pytest.mark.docker
 def test_exec_status_channel_is_what_a_kubelet_writes(core: client.CoreV1Api) -> None:
     run_pod(core, "box", ["sleep", "infinity"])
     resp = exec_stream(core, "box", ["sh", "-c", "exit 7"], stdin=False)
@@ -313,6 +315,7 @@ def test_exec_status_channel_is_what_a_kubelet_writes(core: client.CoreV1Api) ->
     assert 'exec: "no-such-command": executable file not found in $PATH' in status["message"]
 
 
+@pytest.mark.docker
 def test_exec_v5_half_closes_stdin_when_the_server_speaks_it(
     outer: OuterCluster, core: client.CoreV1Api
 ) -> None:
@@ -336,6 +339,7 @@ def test_exec_v5_half_closes_stdin_when_the_server_speaks_it(
     assert resp.read_stdout() == f"{hashlib.sha256(payload).hexdigest()}  -\n"
 
 
+@pytest.mark.docker
 def test_exec_into_a_pod_that_does_not_run(outer: OuterCluster, core: client.CoreV1Api) -> None:
     with pytest.raises(ApiException) as missing:
         exec_stream(core, "nobody", ["true"], stdin=False)
@@ -359,6 +363,7 @@ def test_exec_into_a_pod_that_does_not_run(outer: OuterCluster, core: client.Cor
 
 
 # -- port-forward ----------------------------------------------------------------------------------
+@pytest.mark.docker
 def test_port_forward_moves_64_mib_both_ways(core: client.CoreV1Api) -> None:
     run_server(core, "echo", ["python3", "-c", ECHO_SERVER, "echo", "0", "7000"])
     run_server(core, "sink", ["python3", "-c", ECHO_SERVER, "sink", str(BIG), "7001"])
@@ -393,6 +398,7 @@ def test_port_forward_moves_64_mib_both_ways(core: client.CoreV1Api) -> None:
     close_forwards(forward)
 
 
+@pytest.mark.docker
 def test_port_forward_to_a_closed_port_says_so_like_a_kubelet(core: client.CoreV1Api) -> None:
     run_pod(core, "box", ["sleep", "infinity"])
     pod = read(core, "box")
@@ -407,6 +413,7 @@ def test_port_forward_to_a_closed_port_says_so_like_a_kubelet(core: client.CoreV
     close_forwards(forward)
 
 
+@pytest.mark.docker
 def test_twenty_https_requests_through_twenty_port_forwards(core: client.CoreV1Api) -> None:
     run_server(core, "web", ["python3", "-c", HTTPS_SERVER])
     context = ssl.create_default_context()
@@ -440,6 +447,7 @@ def test_twenty_https_requests_through_twenty_port_forwards(core: client.CoreV1A
 
 
 # -- faults on demand ----------------------------------------------------------------------------
+@pytest.mark.docker
 def test_forbidden_on_demand(outer: OuterCluster) -> None:
     token = outer.service_account_token(NS, "runner")
     api_client = outer.admin_client(token=token)
@@ -478,6 +486,7 @@ def test_forbidden_on_demand(outer: OuterCluster) -> None:
     assert unauthenticated.value.status == 401
 
 
+@pytest.mark.docker
 def test_pending_on_demand(outer: OuterCluster, core: client.CoreV1Api) -> None:
     outer.hold_pending()
     core.create_namespaced_pod(NS, pod_manifest("held", ["sleep", "infinity"]))
@@ -497,6 +506,7 @@ def test_pending_on_demand(outer: OuterCluster, core: client.CoreV1Api) -> None:
     wait_until(lambda: phase(core, "held") == "Running", 30, "the held pod to run once released")
 
 
+@pytest.mark.docker
 def test_missing_image_backs_off(core: client.CoreV1Api) -> None:
     manifest = pod_manifest("ghost", ["true"])
     manifest["spec"]["containers"][0]["image"] = "kipik-test/no-such-image:1"
@@ -517,6 +527,7 @@ def test_missing_image_backs_off(core: client.CoreV1Api) -> None:
     assert 'Back-off pulling image "kipik-test/no-such-image:1"' in messages
 
 
+@pytest.mark.docker
 def test_pod_security_refuses_privileged_pods(outer: OuterCluster, core: client.CoreV1Api) -> None:
     manifest = pod_manifest(
         "dind",
@@ -544,6 +555,7 @@ def test_pod_security_refuses_privileged_pods(outer: OuterCluster, core: client.
     assert run_exec(core, "dind", ["ls", "/lib/modules"])[0] == 0
 
 
+@pytest.mark.docker
 def test_invalid_pods_are_refused_like_the_api_server_does(
     outer: OuterCluster, core: client.CoreV1Api
 ) -> None:
@@ -580,6 +592,7 @@ def test_invalid_pods_are_refused_like_the_api_server_does(
 
 
 # -- lifecycle -------------------------------------------------------------------------------------
+@pytest.mark.docker
 def test_active_deadline_stops_the_pod(outer: OuterCluster, core: client.CoreV1Api) -> None:
     run_pod(core, "brief", ["sleep", "infinity"], activeDeadlineSeconds=2)
     wait_until(lambda: phase(core, "brief") == "Failed", 15, "the deadline to fail the pod")
@@ -600,6 +613,7 @@ def test_active_deadline_stops_the_pod(outer: OuterCluster, core: client.CoreV1A
     engine.close()
 
 
+@pytest.mark.docker
 def test_deleting_an_owner_deletes_its_dependant(core: client.CoreV1Api) -> None:
     run_pod(core, "owner", ["sleep", "infinity"])
     owner = read(core, "owner")
@@ -615,6 +629,7 @@ def test_deleting_an_owner_deletes_its_dependant(core: client.CoreV1Api) -> None
     wait_until(lambda: gone(core, "dependant"), 30, "the dependant to be collected")
 
 
+@pytest.mark.docker
 def test_in_cluster_config_works_from_a_pod(outer: OuterCluster) -> None:
     script = (
         "import os, kubernetes\n"
@@ -638,6 +653,7 @@ def test_in_cluster_config_works_from_a_pod(outer: OuterCluster) -> None:
     assert outer.run_pod(failing, timeout=60).exit_code == 4
 
 
+@pytest.mark.docker
 def test_deleting_a_pod_removes_its_container_and_volumes(
     outer: OuterCluster, core: client.CoreV1Api
 ) -> None:
@@ -649,3 +665,80 @@ def test_deleting_a_pod_removes_its_container_and_volumes(
     assert deleted.metadata.deletion_timestamp is not None
     wait_until(lambda: gone(core, "scratch"), 30, "the pod to go")
     assert outer.leftovers() == [f"network {outer.network}"]
+
+
+# -- pure parts (no Docker) ------------------------------------------------------------------
+def test_validation_texts_match_the_api_server() -> None:
+    pod = {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "Bad_Name"}]}}
+    errors = podspec.validate_pod(pod)
+    assert [str(e) for e in errors][1] == "spec.containers[0].image: Required value"
+    assert str(errors[0]).startswith(
+        'spec.containers[0].name: Invalid value: "Bad_Name": a lowercase RFC 1123 label must '
+    )
+    status = podspec.invalid_status("Pod", "x", errors)
+    assert status["message"].startswith('Pod "x" is invalid: [spec.containers[0].name: ')
+    assert [c["reason"] for c in status["details"]["causes"]] == [
+        "FieldValueInvalid",
+        "FieldValueRequired",
+    ]
+
+
+def test_decoding_errors_are_go_json_errors() -> None:
+    with pytest.raises(podspec.DecodeError) as typed:
+        podspec.decode({"spec": {"containers": [{"securityContext": {"privileged": "yes"}}]}})
+    assert str(typed.value) == (
+        "json: cannot unmarshal string into Go struct field "
+        "SecurityContext.spec.containers.securityContext.privileged of type bool"
+    )
+    with pytest.raises(podspec.DecodeError, match="quantities must match the regular"):
+        podspec.decode({"spec": {"volumes": [{"name": "v", "emptyDir": {"sizeLimit": "1X"}}]}})
+    assert podspec.decode({"spec": {"nodeName": "n", "oops": 1}}).unknown == ["spec.oops"]
+    assert podspec.parse_quantity("1Gi") == 2**30
+    assert podspec.parse_quantity("500m") == 0.5
+    assert podspec.parse_quantity("1e3") == 1000
+
+
+def test_restricted_pod_security_lists_checks_in_the_admission_order() -> None:
+    spec = {
+        "containers": [{"name": "c", "securityContext": {"privileged": True}}],
+        "volumes": [{"name": "a", "hostPath": {"path": "/a"}}, {"name": "b", "emptyDir": {}}],
+    }
+    assert podspec.pod_security_violations("restricted", spec) == [
+        'hostPath volumes (volume "a")',
+        'privileged (container "c" must not set securityContext.privileged=true)',
+        'allowPrivilegeEscalation != false (container "c" must set '
+        "securityContext.allowPrivilegeEscalation=false)",
+        'unrestricted capabilities (container "c" must set '
+        'securityContext.capabilities.drop=["ALL"])',
+        'restricted volume types (volume "a" uses restricted volume type "hostPath")',
+        'runAsNonRoot != true (pod or container "c" must set securityContext.runAsNonRoot=true)',
+        'seccompProfile (pod or container "c" must set securityContext.seccompProfile.type to '
+        '"RuntimeDefault" or "Localhost")',
+    ]
+    assert podspec.pod_security_violations("privileged", spec) == []
+
+
+def test_image_references_and_variable_expansion() -> None:
+    assert normalize_image("busybox") == "docker.io/library/busybox:latest"
+    assert normalize_image("kipik-test/dind:dev") == "docker.io/kipik-test/dind:dev"
+    assert normalize_image("localhost:5000/x") == "localhost:5000/x:latest"
+    assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
+
+
+def test_websocket_frames_and_channels() -> None:
+    assert ws.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert ws.negotiate("v5.channel.k8s.io,v4.channel.k8s.io", [ws.V4]) == ws.V4
+    assert ws.negotiate("v5.channel.k8s.io, v4.channel.k8s.io", [ws.V4, ws.V5]) == ws.V5
+    assert ws.negotiate("v5.channel.k8s.io", [ws.V4]) is None
+    payload = os.urandom(70000)
+    frame = ABNF.create_frame(b"\x00" + payload, ABNF.OPCODE_BINARY).format()  # masked
+    parser = ws.FrameParser()
+    parser.feed(frame[:1000])
+    assert parser.messages() == []
+    parser.feed(frame[1000:])
+    assert parser.messages() == [(ws.OP_BINARY, b"\x00" + payload)]
+    pieces: list[tuple[int, bytes]] = []
+    demux = ws.DockerStreamDemux(lambda stream, data: pieces.append((stream, data)))
+    demux.feed(b"\x01\x00\x00\x00\x00\x00\x00\x02hi\x02\x00\x00")
+    demux.feed(b"\x00\x00\x00\x00\x01!")
+    assert pieces == [(1, b"hi"), (2, b"!")]
