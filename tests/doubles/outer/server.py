@@ -22,6 +22,7 @@ and network it made (all labelled kipik-test.outer=ID) before it exits.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import ctypes
@@ -608,6 +609,14 @@ class Handler(BaseHTTPRequestHandler):
                 return self.update(method, resource, namespace, name, body)
             if method == "DELETE" and name:
                 return self.delete(resource, namespace, name, body, query)
+            if method == "DELETE" and resource == "pods" and namespace:
+                cluster.require_namespace(namespace, creating=False)
+                deleted = [
+                    self.delete(resource, namespace, pod["metadata"]["name"], body, query).body
+                    for pod in self.selected(resource, namespace, query)
+                ]
+                meta = {"resourceVersion": str(cluster.store.revision)}
+                return Response(200, self.as_list(resource, deleted, meta))
         raise METHOD_NOT_ALLOWED
 
     def discovery(self, path: str) -> JSON | None:
@@ -681,33 +690,48 @@ class Handler(BaseHTTPRequestHandler):
                         200, as_table(resource, [obj], obj["metadata"]["resourceVersion"])
                     )
                 return Response(200, copy.deepcopy(obj))
-            labels = label_selector_matcher((query.get("labelSelector") or [""])[0])
-            fields = field_selector(resource, (query.get("fieldSelector") or [""])[0])
-            items = [
-                obj
-                for obj in cluster.store.items(resource, namespace)
-                if labels(obj["metadata"].get("labels") or {}) and fields(obj)
-            ]
+            items = self.selected(resource, namespace, query)
             revision = str(cluster.store.revision)
+            meta: JSON = {"resourceVersion": revision}
+            start = 0
+            token = (query.get("continue") or [""])[0]
+            if token:
+                try:
+                    start = int(base64.urlsafe_b64decode(token.encode()).decode())
+                except ValueError as exc:
+                    raise bad_request(f"continue key is not valid: {exc}") from exc
+            limit = int((query.get("limit") or ["0"])[0] or 0)
+            if limit > 0 and start + limit < len(items):
+                meta["continue"] = base64.urlsafe_b64encode(str(start + limit).encode()).decode()
+                meta["remainingItemCount"] = len(items) - start - limit
+                items = items[start : start + limit]
+            else:
+                items = items[start:]
             if table:
                 return Response(200, as_table(resource, items, revision))
-            kind = {**NAMESPACED, **CLUSTER_SCOPED}[resource][0]
-            return Response(
-                200,
-                {
-                    "kind": f"{kind}List",
-                    "apiVersion": "v1",
-                    "metadata": {"resourceVersion": revision},
-                    "items": [
-                        {
-                            k: copy.deepcopy(v)
-                            for k, v in obj.items()
-                            if k not in ("kind", "apiVersion")
-                        }
-                        for obj in items
-                    ],
-                },
-            )
+            return Response(200, self.as_list(resource, items, meta))
+
+    def selected(self, resource: str, namespace: str, query: dict[str, list[str]]) -> list[JSON]:
+        """The objects matching the request's label and field selectors."""
+        labels = label_selector_matcher((query.get("labelSelector") or [""])[0])
+        fields = field_selector(resource, (query.get("fieldSelector") or [""])[0])
+        return [
+            obj
+            for obj in self.double.cluster.store.items(resource, namespace)
+            if labels(obj["metadata"].get("labels") or {}) and fields(obj)
+        ]
+
+    def as_list(self, resource: str, items: list[JSON], meta: JSON) -> JSON:
+        kind = {**NAMESPACED, **CLUSTER_SCOPED}[resource][0]
+        return {
+            "kind": f"{kind}List",
+            "apiVersion": "v1",
+            "metadata": meta,
+            "items": [
+                {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("kind", "apiVersion")}
+                for obj in items
+            ],
+        }
 
     def start_stream(self, content_type: str) -> None:
         self.send_response(200)
