@@ -11,7 +11,6 @@ the garbage collector of owner references. The kubelet (kubelet.py) makes pods r
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import datetime
 import json
@@ -667,7 +666,8 @@ class Cluster:
             meta["name"] = meta["generateName"] + _suffix()
         name = meta.get("name", "")
         spec = pod.setdefault("spec", {})
-        spec.pop("nodeName", None) if not spec.get("nodeName") else None
+        if not spec.get("nodeName"):
+            spec.pop("nodeName", None)
         pod.pop("status", None)
         # admission: ServiceAccount (mutating), then validation, then Pod Security
         sa_name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -681,10 +681,9 @@ class Cluster:
                 {"name": name, "kind": "pods"},
             )
         errors = podspec.validate_pod(pod)
-        with contextlib.suppress(AttributeError, TypeError):
-            podspec.apply_defaults(pod)
         if errors:
             raise invalid("Pod", name, errors)
+        podspec.apply_defaults(pod)
         errors = podspec.unsupported_by_double(pod)
         if errors:
             raise invalid("Pod", name, errors)

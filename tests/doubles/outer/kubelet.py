@@ -221,7 +221,17 @@ class PodWorker(threading.Thread):
             self.cluster.pod_gone(self.namespace, self.pod_name, self.uid)
 
     def schedule(self) -> bool:
-        """Bind to the node unless unschedulable (held, or a nodeSelector that cannot match)."""
+        """Bind to the node unless unschedulable (held, or a nodeSelector that cannot match).
+
+        A pod created with spec.nodeName skips the scheduler; naming another node, it waits
+        for a kubelet that never comes (as it would on a real cluster).
+        """
+        node = self.cluster.cfg.node_name
+        if self.spec.get("nodeName"):
+            while self.spec["nodeName"] != node and self.grace is None:
+                self.pause(None)
+            self.status(lambda pod: set_condition(pod, "PodScheduled", "True"))
+            return self.grace is None
         announced = ""
         while self.grace is None:
             message = ""
@@ -253,7 +263,6 @@ class PodWorker(threading.Thread):
                 return False
         if self.grace is not None:
             return False
-        node = self.cluster.cfg.node_name
         self.cluster.record_event(
             self.pod,
             "Scheduled",
