@@ -338,6 +338,18 @@ def test_exec_v5_half_closes_stdin_when_the_server_speaks_it(
     assert resp.returncode == 0
     assert resp.read_stdout() == f"{hashlib.sha256(payload).hexdigest()}  -\n"
 
+    # a v5 API server upgrades first and reports a stopped container on the error channel
+    core.create_namespaced_pod(NS, pod_manifest("done", ["true"]))
+    wait_until(lambda: phase(core, "done") == "Succeeded", 30, "pod done to succeed")
+    resp = exec_stream(core, "done", ["true"], stdin=False)
+    resp.run_forever(timeout=30)
+    close_stream(resp)
+    status = json.loads(resp.read_channel(3))
+    assert (status["reason"], status["code"]) == ("InternalError", 500)
+    assert status["message"] == (
+        'Internal error occurred: unable to upgrade connection: container not found ("main")'
+    )
+
 
 @pytest.mark.docker
 def test_exec_into_a_pod_that_does_not_run(outer: OuterCluster, core: client.CoreV1Api) -> None:
