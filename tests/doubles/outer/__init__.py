@@ -380,7 +380,9 @@ class OuterCluster:
 
 def _owned(client: docker.DockerClient, instance: str) -> list[str]:
     selector: dict[str, str | list[str] | bool] = {"label": f"{LABEL}={instance}"}
-    names = [f"container {c.name}" for c in client.containers.list(all=True, filters=selector)]
+    # the low-level list: containers.list() inspects each one and fails on one just removed
+    listed = client.api.containers(all=True, filters=selector)
+    names = [f"container {c['Names'][0].lstrip('/')}" for c in listed]
     names += [f"volume {v.name}" for v in client.volumes.list(filters=selector)]
     names += [f"network {n.name}" for n in client.networks.list(filters=selector)]
     return sorted(names)

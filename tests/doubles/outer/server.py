@@ -1551,9 +1551,9 @@ class Double:
 def sweep(client: docker.DockerClient, instance: str, log: Callable[[str], None]) -> None:
     """Remove whatever still carries this instance's label (containers, volumes, networks)."""
     selector: dict[str, str | list[str] | bool] = {"label": f"{LABEL}={instance}"}
-    for container in client.containers.list(all=True, filters=selector):
+    for container in client.api.containers(all=True, filters=selector):
         with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True, v=True)
+            client.api.remove_container(container["Id"], force=True, v=True)
     for volume in client.volumes.list(filters=selector):
         with contextlib.suppress(docker.errors.NotFound):
             volume.remove(force=True)
