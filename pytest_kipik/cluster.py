@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from filelock import FileLock
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kind, kubeconfig, labels, paths, readiness
+from pytest_kipik import kind, kubeconfig, labels, paths, readiness, sharing
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import ConfigError, KipikError
 from pytest_kipik.hosts import make_backend
-from pytest_kipik.hosts.base import Backend, Host, OutputSink
+from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod
 from pytest_kipik.process import CommandResult, run
 from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
+from pytest_kipik.sharing import LEASE_PATH, Lease, Record, Session
 from pytest_kipik.signals import deferred_interrupts
 
 
@@ -41,6 +45,9 @@ class NestedCluster:
         host: Host,
         nodes: int,
         keep: bool = False,
+        owned: bool = True,
+        hold: Hold | None = None,
+        status: str = "created",
     ) -> None:
         self.name = name
         self.kubeconfig_path = kubeconfig_path
@@ -48,6 +55,11 @@ class NestedCluster:
         self.host = host
         self.nodes = nodes
         self.keep = keep
+        #: Whether :meth:`close` removes the host (not for a cluster another process removes).
+        self.owned = owned
+        #: ``created``, ``attached`` (another worker's), ``reused`` (an earlier run's) or ``warm``.
+        self.status = status
+        self.hold = hold
         self._closed = False
 
     def __repr__(self) -> str:
@@ -97,9 +109,12 @@ class NestedCluster:
         if self._closed:
             return
         self.close_client()
-        if not self.keep:
+        if self.owned and not self.keep:
             self.host.remove()
             shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
+        if self.hold is not None:
+            self.hold.release()
+            self.hold = None
         self._closed = True
 
     def __enter__(self) -> NestedCluster:
@@ -109,13 +124,25 @@ class NestedCluster:
         self.close()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one cluster's host is had: fresh for the session, kept for reuse, or warm."""
+
+    host_name: str | None = None
+    reuse_key: str | None = None
+    warm_slot: int | None = None
+    kubeconfig_dir: Path | None = None
+    owned: bool = True
+
+
 class ClusterFactory:
     """Creates nested clusters for one session (or one xdist worker) and removes them all.
 
     ``backend`` makes the hosts (default: the one the config selects). ``workdir`` holds each
     cluster's private kubeconfig directory (a fresh temporary directory when not given; kept
     clusters use the per-user state directory, which nothing prunes). ``report`` receives one
-    line per phase, and kind's own progress lines when ``verbose``.
+    line per phase, and kind's own progress lines when ``verbose``. ``session`` says who owns
+    the session and where its workers meet (default: a session owned by this process).
     """
 
     def __init__(
@@ -127,12 +154,16 @@ class ClusterFactory:
         report: Reporter = stderr_reporter,
         worker: str | None = None,
         verbose: bool = False,
+        session: Session | None = None,
     ) -> None:
         self.config = config
         self.report = report
-        self.worker = worker
+        self.session = session or Session.new()
+        self.worker = worker or self.session.worker
         self.verbose = verbose
-        self.run_id = labels.new_run_id()
+        self.run_id = self.session.run_id
+        self._shared: dict[str, NestedCluster] = {}
+        self._host_labels: dict[str, Mapping[str, str]] = {}
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kipik-"))
         self.clusters: list[NestedCluster] = []
@@ -156,6 +187,8 @@ class ClusterFactory:
     def _next_name(self, name: str | None) -> str:
         with self._lock:
             self._count += 1
+            if self._count == 1 and self.worker is None:
+                self._count += 1  # the session's shared cluster is prefix-runid
             index = self._count
         if name is None:
             name = labels.cluster_name(self.config.name_prefix, self.run_id, self.worker, index)
@@ -166,23 +199,36 @@ class ClusterFactory:
             raise ConfigError(f"a cluster named {name!r} already exists in this session")
         return name
 
-    def _make_host(self, name: str) -> Host:
-        return self.backend.make_host(
-            f"{name}-dind",
-            labels.owner_labels(
-                run_id=self.run_id,
-                cluster=name,
-                role="dind",
-                worker=self.worker,
-                keep=self.config.keep,
-            ),
-            [kind.API_SERVER_PORT],
+    def _make_host(self, name: str, plan: _Plan) -> Host:
+        found = labels.owner_labels(
+            run_id=self.run_id,
+            cluster=name,
+            role="dind",
+            worker=self.worker,
+            keep=self.config.keep,
+            ttl=self.config.ttl,
+            owner_pid=self.session.owner_pid,
+            owner_pod=os.environ.get("HOSTNAME") if in_pod() else None,
+            reuse_key=plan.reuse_key,
+            warm_slot=plan.warm_slot,
         )
+        host_name = plan.host_name or f"{name}-dind"
+        self._host_labels[host_name] = found
+        return self.backend.make_host(host_name, found, [kind.API_SERVER_PORT])
 
     def _kubeconfig_dir(self, name: str) -> Path:
         if self.config.keep:  # outlives pytest's basetemp, which pytest prunes after 3 runs
             return paths.private_dir(paths.state_home(), "clusters", name)
         return self.workdir / name
+
+    def _leased(self, plan: _Plan) -> bool:
+        """Whether the host outlives the session on purpose (then it is not held)."""
+        return self.config.keep or plan.reuse_key is not None or plan.warm_slot is not None
+
+    def _write_lease(self, host: Host) -> None:
+        """Extend a kept/reused/warm host's lease: ``ttl`` from now, held by this session."""
+        lease = Lease.new(self.config.ttl, self.session.owner_pid)
+        host.write_file(LEASE_PATH, lease.dump(), 0o644)
 
     # -- creating --------------------------------------------------------------------------
 
@@ -206,9 +252,205 @@ class ClusterFactory:
         self._build_config(user_config, name, [], nodes, {})  # fail before anything starts
         image = node_image or self.config.node_image
         deadline = time.monotonic() + self.config.timeout
-        cluster = self._provision(name, user_config, nodes, image, deadline)
+        cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=_Plan())
         self.clusters.append(cluster)
         return cluster
+
+    # -- sharing ---------------------------------------------------------------------------
+
+    def shared(
+        self,
+        *,
+        nodes: int | None = None,
+        kind_config: Path | str | Mapping[str, Any] | None = None,
+        node_image: str | None = None,
+    ) -> NestedCluster:
+        """The session's cluster of this configuration, shared by every xdist worker.
+
+        The first worker creates it under a file lock in the session directory and leaves a
+        hand-off there; the others attach (each holding the host, so that one worker's crash
+        never takes it from the others). With ``reuse`` the cluster outlives the session and
+        the next run with the same configuration attaches to it; with ``warm`` it is made in
+        the session's warm host. Arguments as for :meth:`create`.
+        """
+        user_config = self._user_kind_config(kind_config)
+        image = node_image or self.config.node_image
+        key = sharing.cluster_key(
+            self.config,
+            backend=self.backend.name,
+            user_config=user_config,
+            nodes=nodes,
+            node_image=image,
+        )
+        if key in self._shared:
+            return self._shared[key]
+        self._build_config(user_config, "check", [], nodes, {})  # fail before anything starts
+        default = nodes is None and kind_config is None and node_image is None
+        name = f"{self.config.name_prefix}-{self.run_id}" + ("" if default else f"-{key[:6]}")
+        if self.config.reuse:
+            cluster = self._reuse(key, user_config, nodes, image)
+        else:
+            cluster = self._share(key, name, user_config, nodes, image)
+        self._shared[key] = cluster
+        self.clusters.append(cluster)
+        return cluster
+
+    def _record(self, cluster: NestedCluster) -> Record:
+        return Record(
+            name=cluster.name,
+            host=cluster.host.name,
+            labels=dict(self._host_labels.get(cluster.host.name, {})),
+            server=cluster.server,
+            kubeconfig=str(cluster.kubeconfig_path),
+            nodes=cluster.nodes,
+        )
+
+    def _attach(self, record: Record, status: str, timeout: float) -> NestedCluster | None:
+        """A cluster from another process's record, checked ready; None when it is not."""
+        host = self.backend.make_host(record.host, record.labels, [kind.API_SERVER_PORT])
+        try:
+            if not host.attach():
+                self.report(f"kipik {record.name}: its host {record.host} is gone or stopped")
+                return None
+        except KipikError as exc:
+            self.report(f"kipik {record.name}: cannot attach: {exc}")
+            return None
+        self._host_labels[record.host] = record.labels
+        cluster = NestedCluster(
+            name=record.name,
+            kubeconfig_path=Path(record.kubeconfig),
+            server=record.server,
+            host=host,
+            nodes=record.nodes,
+            owned=False,
+            status=status,
+        )
+        try:
+            readiness.wait_ready(
+                cluster.api_client, nodes=record.nodes, deadline=time.monotonic() + timeout
+            )
+        except (KipikError, OSError) as exc:
+            self.report(f"kipik {record.name}: not usable ({str(exc).splitlines()[0]})")
+            cluster.close()
+            return None
+        return cluster
+
+    def _share(
+        self,
+        key: str,
+        name: str,
+        user_config: Mapping[str, Any] | None,
+        nodes: int | None,
+        image: str | None,
+    ) -> NestedCluster:
+        directory = self.session.path()
+        handoff = directory / f"{key}.json"
+        with FileLock(directory / f"{key}.lock", timeout=self.config.timeout + 120):
+            record = Record.load(handoff)
+            if record is not None:
+                start = time.monotonic()
+                cluster = self._attach(record, "attached", timeout=30)
+                if cluster is not None:
+                    self.report(f"kipik {record.name}: attached ({time.monotonic() - start:.1f}s)")
+                    return cluster
+                name = f"{name}-{labels.new_run_id()[:4]}"  # the old one may still be going
+            warm = self._claim_warm(directory, key)
+            plan = _Plan(
+                host_name=self._warm_host_name() if warm else None,
+                warm_slot=self.session.warm_slot if warm else None,
+                kubeconfig_dir=None
+                if self.config.keep  # in the state directory, which outlives the session
+                else paths.private_dir(directory, "clusters", name),
+                owned=self.session.owner,
+            )
+            deadline = time.monotonic() + self.config.timeout
+            cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=plan)
+            self._record(cluster).write(handoff)
+        return cluster
+
+    def _claim_warm(self, directory: Path, key: str) -> bool:
+        """Whether this configuration gets the session's warm host (the first one does)."""
+        if self.session.warm_slot is None or not self.config.warm:
+            return False
+        claim = directory / "warm-claim"
+        with FileLock(directory / "warm.lock", timeout=30):
+            if not claim.exists():
+                claim.write_text(key, encoding="utf-8")
+            return claim.read_text(encoding="utf-8") == key
+
+    def _warm_host_name(self) -> str:
+        image = self.config.image or "default"
+        host_key = sharing.warm_host_key(self.backend.name, image)[:8]
+        return f"{self.config.name_prefix}-warm-{host_key}-{self.session.warm_slot}"
+
+    def _reuse(
+        self,
+        key: str,
+        user_config: Mapping[str, Any] | None,
+        nodes: int | None,
+        image: str | None,
+    ) -> NestedCluster:
+        """Attach to the cluster an earlier run kept for this key, or create and keep one."""
+        name = reuse_name(self.config.name_prefix, key)
+        state = reuse_state(key)
+        lock = paths.private_dir(paths.cache_home(), "locks") / f"reuse-{key}.lock"
+        with FileLock(lock, timeout=self.config.timeout + 120):
+            start = time.monotonic()
+            record = Record.load(state)
+            if record is not None:
+                cluster = self._attach(record, "reused", timeout=10)
+                if cluster is not None:
+                    self._write_lease(cluster.host)
+                    self.report(f"kipik {name}: reused ({time.monotonic() - start:.1f}s)")
+                    return cluster
+                self.report(f"kipik {name}: the cluster kept for reuse is gone or unhealthy")
+                state.unlink(missing_ok=True)
+            for stale in self.backend.list_owned():  # ours by key, left without a record
+                if stale.labels.get(labels.REUSE_KEY) == key and stale.kind != "volume":
+                    self.backend.remove_owned(stale)
+            plan = _Plan(
+                reuse_key=key,
+                kubeconfig_dir=paths.private_dir(paths.state_home(), "clusters", name),
+                owned=False,
+            )
+            deadline = time.monotonic() + self.config.timeout
+            cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=plan)
+            self._record(cluster).write(state)
+            self.report(f"kipik {name}: created, kept for reuse ({time.monotonic() - start:.1f}s)")
+        return cluster
+
+    def _adopt_warm(self, name: str, plan: _Plan, left: Callable[[], float]) -> Host | None:
+        """The session's warm host, emptied of the previous run's cluster; None: make one."""
+        assert plan.host_name is not None
+        slot = str(plan.warm_slot)
+        existing = None
+        for found in self.backend.list_owned():
+            if found.kind == "volume" or found.labels.get(labels.WARM_SLOT) != slot:
+                continue
+            prefix = f"{self.config.name_prefix}-warm-"
+            if found.name == plan.host_name:
+                existing = found
+            elif found.name.startswith(prefix):  # this slot's host of another image
+                self.backend.remove_owned(found)
+        if existing is None:
+            return None
+        host = self.backend.make_host(existing.name, existing.labels, [kind.API_SERVER_PORT])
+        try:
+            if not host.attach():
+                self.backend.remove_owned(existing)
+                return None
+            with phase(self.report, name, "warm host ready"):
+                host.wait_ready(left())
+                driver = kind.KindDriver(host)
+                for old in driver.clusters():
+                    with phase(self.report, name, f"previous cluster {old} deleted"):
+                        driver.delete(old, timeout=left())
+        except KipikError as exc:
+            self.report(f"kipik {name}: warm host {existing.name} unusable, replacing it: {exc}")
+            self.backend.remove_owned(existing)
+            return None
+        self._host_labels[existing.name] = existing.labels
+        return host
 
     def _user_kind_config(
         self, kind_config: Path | str | Mapping[str, Any] | None
@@ -255,25 +497,42 @@ class ClusterFactory:
         user_config: Mapping[str, Any] | None,
         nodes: int | None,
         node_image: str | None,
+        *,
         deadline: float,
+        plan: _Plan,
     ) -> NestedCluster:
         def left() -> float:
             return max(deadline - time.monotonic(), 1.0)
 
         say = self.report
+        hold: Hold | None = None
+        status = "created"
         with contextlib.ExitStack() as undo:
-            host = self._make_host(name)
-            if self.config.keep:
-                undo.callback(
-                    say,
-                    f"kipik {name}: kept after a failure; remove with: {host.removal_command()}",
-                )
-            else:
-                undo.callback(self._remove_quietly, host)
-            with phase(say, name, "DinD up"):
-                host.start()
-            with phase(say, name, "inner daemon ready"):
-                host.wait_ready(left())
+            host = None
+            if plan.warm_slot is not None:
+                host = self._adopt_warm(name, plan, left)
+                status = "warm" if host is not None else status
+            if host is None:
+                host = self._make_host(name, plan)
+                if self.config.keep:
+                    undo.callback(
+                        say,
+                        f"kipik {name}: kept after a failure; remove with: "
+                        f"{host.removal_command()}",
+                    )
+                else:
+                    undo.callback(self._remove_quietly, host)
+                with phase(say, name, "DinD up"):
+                    host.start()
+                if not self._leased(plan):  # the dead-man switch, right away
+                    hold = host.hold()
+                    if hold is not None:
+                        undo.callback(hold.release)
+                        self._owner_holds(host, name)
+                with phase(say, name, "inner daemon ready"):
+                    host.wait_ready(left())
+            if self._leased(plan) and not self.config.keep:
+                self._write_lease(host)
             kind.check_no_overlap(
                 kind.subnets(user_config, self.config.pod_subnet, self.config.service_subnet),
                 host.outer_addresses(),
@@ -306,8 +565,8 @@ class ClusterFactory:
                         f"API server on port {kind.API_SERVER_PORT} (networking.apiServerPort) "
                         "and reaches it there; the kind in the DinD image did not honour it"
                     )
-                directory = self._kubeconfig_dir(name)
-                if not self.config.keep:
+                directory = plan.kubeconfig_dir or self._kubeconfig_dir(name)
+                if not self.config.keep and plan.reuse_key is None:
                     undo.callback(shutil.rmtree, directory, True)
                 path = kubeconfig.write_private(
                     directory / "kubeconfig",
@@ -320,11 +579,29 @@ class ClusterFactory:
                     host=host,
                     nodes=kind.node_count(config),
                     keep=self.config.keep,
+                    owned=plan.owned,
+                    hold=hold,
+                    status=status,
                 )
                 undo.callback(cluster.close_client)
                 readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
             undo.pop_all()
         return cluster
+
+    def _owner_holds(self, host: Host, name: str) -> None:
+        """An xdist worker asks the session's owner to hold the host it made too.
+
+        The owner (the controller) outlives every worker: a worker that finishes early or
+        crashes never takes the shared host from the others, while the owner's death (SIGKILL
+        included) still removes it.
+        """
+        if self.session.owner:
+            return
+        if not request_owner_hold(self.session, host.name, self._host_labels[host.name]):
+            self.report(
+                f"kipik {name}: the session's owner did not hold {host.name}; it lives as long "
+                "as this worker"
+            )
 
     def _remove_quietly(self, host: Host) -> None:
         """Undo a half-made host without hiding the error that got us here."""
@@ -352,9 +629,10 @@ class ClusterFactory:
         problems: list[Exception] = []
         try:
             for cluster in reversed(list(self.clusters)):
-                if cluster.keep:
-                    self.report(cluster.how_to_reach())
-                    cluster.close()
+                if cluster.keep or not cluster.owned:
+                    if cluster.keep:
+                        self.report(cluster.how_to_reach())
+                    cluster.close()  # another process (or nobody: kept, reused) removes it
                     self.clusters.remove(cluster)
                     continue
                 try:
@@ -375,5 +653,102 @@ class ClusterFactory:
     def __enter__(self) -> ClusterFactory:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        problems = self.close()
+        for problem in problems:
+            self.report(f"kipik: teardown problem: {problem}")
+        if problems and exc_type is None:  # never hide a leak; never mask the error in flight
+            raise KipikError(
+                f"{len(problems)} teardown problem(s), first: {problems[0]}"
+            ) from problems[0]
+
+
+def reuse_name(prefix: str, key: str) -> str:
+    """The name of the cluster kept for reuse under ``key``."""
+    return f"{prefix}-r{key[:10]}"
+
+
+def reuse_state(key: str) -> Path:
+    """Where the record of the cluster kept for reuse under ``key`` lives (per user)."""
+    return paths.private_dir(paths.state_home(), "reuse") / f"{key}.json"
+
+
+HOLDS = "holds"
+
+
+def request_owner_hold(session: Session, host: str, found: Mapping[str, str]) -> bool:
+    """Ask the owner of ``session`` to hold ``host`` (see :class:`OwnerHolds`); True once held."""
+    directory = paths.private_dir(session.path(), HOLDS)
+    Record(name=host, host=host, labels=dict(found), server="", kubeconfig="", nodes=0).write(
+        directory / f"{host}.json"
+    )
+    held = directory / f"{host}.held"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if held.exists():
+            return held.read_text(encoding="utf-8") == "held"
+        time.sleep(0.05)  # polling a file another process writes
+    return False
+
+
+class OwnerHolds:
+    """The session owner's side of :func:`request_owner_hold`: holds what its workers made.
+
+    A thread picks up requests from the session directory and holds each host until
+    :meth:`release` (after the owner removed the session's hosts, or when it dies).
+    """
+
+    def __init__(
+        self, session: Session, backend: Callable[[], Backend], interval: float = 0.05
+    ) -> None:
+        self.session = session
+        self._make_backend = backend
+        self._backend: Backend | None = None
+        self.interval = interval
+        self.holds: dict[str, Hold | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kipik-holds", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a failed round is retried by the next one
+                self.poll()
+
+    def poll(self) -> None:
+        """Hold every host asked for since the last poll."""
+        directory = self.session.directory / HOLDS
+        if not directory.is_dir():
+            return
+        for request in sorted(directory.glob("*.json")):
+            name = request.stem
+            if name in self.holds:
+                continue
+            record = Record.load(request)
+            if record is None:
+                continue
+            if self._backend is None:
+                self._backend = self._make_backend()
+            host = self._backend.make_host(name, record.labels, [])
+            answer = "gone"
+            hold: Hold | None = None
+            try:
+                if host.attach():
+                    hold = host.hold()
+                    answer = "held"
+            except KipikError:
+                pass
+            self.holds[name] = hold
+            (directory / f"{name}.held").write_text(answer, encoding="utf-8")
+
+    def release(self) -> None:
+        """Stop taking requests and let go of every host held."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for hold in self.holds.values():
+            if hold is not None:
+                hold.release()
+        self.holds.clear()
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None

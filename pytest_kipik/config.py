@@ -22,7 +22,7 @@ from pytest_kipik.errors import ConfigError
 
 BACKENDS = ("auto", "docker", "pod")
 NAME_PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)?$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _QUANTITY_RE = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -65,11 +65,12 @@ class Setting:
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``300``, ``300s``, ``5m``, ``1.5h`` into seconds (> 0)."""
+    """Parse ``300``, ``300s``, ``5m``, ``1.5h``, ``2d`` into seconds (> 0)."""
     match = _DURATION_RE.match(text.strip())
     if not match:
-        raise ValueError(f"{text!r} is not a duration: use seconds like 300, or 300s, 5m, 1h")
-    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+        raise ValueError(f"{text!r} is not a duration: use seconds like 300, or 300s, 5m, 1h, 2d")
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    seconds = float(match.group(1)) * units[match.group(2) or "s"]
     if seconds <= 0:
         raise ValueError(f"{text!r} must be longer than zero")
     return seconds
@@ -247,6 +248,28 @@ class KipikConfig:
         _subnet,
         metavar="CIDR",
     )
+    reuse: bool = setting(
+        "false",
+        "keep the session cluster after the run and reuse it in the next run with the same "
+        "configuration (attached in about a second when healthy, else created again)",
+        lambda text, _base: parse_bool(text),
+        flag=True,
+    )
+    warm: bool = setting(
+        "false",
+        "keep the DinD host (its inner daemon and the node images in it) between runs; every "
+        "run still gets a fresh cluster in it. Concurrent sessions use separate warm hosts",
+        lambda text, _base: parse_bool(text),
+        flag=True,
+    )
+    ttl: float = setting(
+        "4h",
+        "lifetime of what kipik makes without a live owner: the expires-at label, the lease of "
+        "kept, reused and warm resources (extended on each use), the pod backend's deadline; "
+        "kipik gc removes what is past it",
+        lambda text, _base: parse_duration(text),
+        metavar="DURATION",
+    )
     outer_kubeconfig: Path | None = setting(
         "",
         "pod backend: kubeconfig of the outer cluster; default: in-cluster config inside a pod, "
@@ -306,7 +329,7 @@ class KipikConfig:
         for spec in settings(group):
             value = getattr(self, spec.name)
             shown = "-" if value is None else str(value)
-            if spec.name == "timeout":
+            if spec.name in ("timeout", "ttl"):
                 shown = f"{value:g}s"
             lines.append(f"{spec.name}={shown} ({self.sources.get(spec.name, 'default')})")
         return lines

@@ -319,6 +319,17 @@ def get_kubeconfig_argv(name: str) -> list[str]:
     return ["kind", "get", "kubeconfig", "--name", name]
 
 
+def get_clusters_argv() -> list[str]:
+    """``kind get clusters``: one name per line (a warm host lists the previous run's)."""
+    return ["kind", "get", "clusters"]
+
+
+def delete_argv(name: str) -> list[str]:
+    """``kind delete cluster`` (the kubeconfig kind wrote into the host goes with it)."""
+    paths = ClusterPaths.for_cluster(name)
+    return ["kind", "delete", "cluster", "--name", name, "--kubeconfig", paths.kubeconfig]
+
+
 class KindDriver:
     """Runs kind inside a host, only through ``host.exec`` and ``host.write_file``."""
 
@@ -352,6 +363,21 @@ class KindDriver:
             self.host.exec(argv, timeout=timeout, on_output=on_output).check()
         except CommandError as exc:
             raise self._fail(f"create cluster {name!r}", exc) from None
+
+    def clusters(self) -> list[str]:
+        """The kind clusters in the host."""
+        try:
+            out = self.host.exec(get_clusters_argv(), timeout=60).check().stdout
+        except CommandError as exc:
+            raise self._fail("list clusters", exc) from None
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def delete(self, name: str, *, timeout: float = 120) -> None:
+        """Delete cluster ``name`` in the host (its node containers and kubeconfig)."""
+        try:
+            self.host.exec(delete_argv(name), timeout=timeout).check()
+        except CommandError as exc:
+            raise self._fail(f"delete cluster {name!r}", exc) from None
 
     def kubeconfig(self, name: str) -> str:
         """The kubeconfig kind reports for the cluster (server as published inside the host)."""

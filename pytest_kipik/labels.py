@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Mapping
 
 PREFIX = "kipik.io/"
 RUN_ID = PREFIX + "run-id"
@@ -17,6 +18,14 @@ CREATED_AT = PREFIX + "created-at"
 WORKER = PREFIX + "worker"
 KEEP = PREFIX + "keep"
 ROLE = PREFIX + "role"
+OWNER_POD = PREFIX + "owner-pod"
+EXPIRES_AT = PREFIX + "expires-at"
+#: A cluster kept for reuse across runs: the hash of its configuration (see ``sharing.py``).
+REUSE_KEY = PREFIX + "reuse-key"
+#: A warm DinD host kept between runs: its slot number.
+WARM_SLOT = PREFIX + "warm-slot"
+#: Resources with one of these labels outlive their session on purpose, until their lease ends.
+LEASED = (KEEP, REUSE_KEY, WARM_SLOT)
 
 #: Kubernetes label values: at most 63 characters, alphanumeric at both ends, ``-_.`` inside.
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -28,6 +37,8 @@ CLUSTER_NAME_RE = re.compile(r"^[a-z0-9.-]+$")
 #: kind names node containers ``<cluster>-control-plane``, ``<cluster>-worker2``...; keep the
 #: longest of them a valid hostname (63 characters).
 MAX_CLUSTER_NAME = 40
+#: How long a resource lives without an owner when no TTL is given (the ``ttl`` setting's default).
+DEFAULT_TTL = 4 * 3600.0
 
 
 def new_run_id() -> str:
@@ -78,20 +89,41 @@ def owner_labels(
     worker: str | None,
     keep: bool,
     now: dt.datetime | None = None,
+    ttl: float = DEFAULT_TTL,
+    owner_pid: int | None = None,
+    owner_pod: str | None = None,
+    reuse_key: str | None = None,
+    warm_slot: int | None = None,
 ) -> dict[str, str]:
     """The labels every container, volume and pod of one cluster carries.
 
+    ``owner_pid`` is the process that owns the session (under xdist the controller, which
+    outlives the workers; default: this process). ``expires-at`` is ``now + ttl``: kept, reused
+    and warm resources extend it with a lease inside the host (see :mod:`pytest_kipik.reaper`).
     Every value is valid both as a Docker label and as a Kubernetes label value.
     """
+    moment = now or dt.datetime.now(dt.timezone.utc)
     labels = {
         RUN_ID: run_id,
         CLUSTER: cluster,
         ROLE: role,
         OWNER_HOST: label_value(socket.gethostname()),
-        OWNER_PID: str(os.getpid()),
-        CREATED_AT: timestamp(now),
+        OWNER_PID: str(owner_pid or os.getpid()),
+        CREATED_AT: timestamp(moment),
+        EXPIRES_AT: timestamp(moment + dt.timedelta(seconds=ttl)),
         WORKER: label_value(worker or "main"),
     }
+    if owner_pod:
+        labels[OWNER_POD] = label_value(owner_pod)
     if keep:
         labels[KEEP] = "true"
+    if reuse_key:
+        labels[REUSE_KEY] = reuse_key
+    if warm_slot is not None:
+        labels[WARM_SLOT] = str(warm_slot)
     return labels
+
+
+def leased(found: Mapping[str, str] | None) -> bool:
+    """Whether a resource with these labels outlives its session on purpose (kept/reused/warm)."""
+    return any(key in (found or {}) for key in LEASED)

@@ -10,22 +10,37 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kind
-from pytest_kipik.cluster import ClusterFactory, NestedCluster
+from pytest_kipik import kind, reaper, sharing
+from pytest_kipik.cluster import (
+    ClusterFactory,
+    NestedCluster,
+    OwnerHolds,
+    reuse_name,
+    reuse_state,
+)
 from pytest_kipik.config import SETTINGS, KipikConfig, resolve
 from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
 from pytest_kipik.hosts import Choice, choose, make_backend
 from pytest_kipik.hosts.docker import engine_location
 from pytest_kipik.hosts.pod import local_outer_addresses
-from pytest_kipik.progress import Reporter
-from pytest_kipik.signals import terminate_as_interrupt
+from pytest_kipik.progress import Reporter, Tail, file_reporter
+from pytest_kipik.sharing import Session, WarmSlot
+from pytest_kipik.signals import deferred_interrupts, terminate_as_interrupt
 
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
 CHOICE_KEY = pytest.StashKey[Choice]()
+SESSION_KEY = pytest.StashKey[Session]()
+WARM_KEY = pytest.StashKey[WarmSlot]()
+TAIL_KEY = pytest.StashKey[Tail]()
+HOLDS_KEY = pytest.StashKey[OwnerHolds]()
+#: The workerinput key that carries the owner's session to xdist workers.
+WORKER_SESSION = "kipik_session"
+PROGRESS_FILE = "progress.log"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,23 +68,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=text,
             )
         parser.addini(setting.ini, help=setting.help, type="string", default="")
+    group.addoption(
+        "--kipik-gc",
+        action="store_true",
+        default=False,
+        dest="kipik_gc",
+        help="remove kipik resources that are expired or whose owner is gone (like `kipik gc`), "
+        "print what was removed and exit without running tests",
+    )
+
+
+def _resolve(config: pytest.Config) -> KipikConfig:
+    ini_dir = config.inipath.parent if config.inipath else config.rootpath
+    cli = {s.name: config.getoption(f"kipik_{s.name}") for s in SETTINGS}
+    ini = {s.name: (str(config.getini(s.ini)) or None) for s in SETTINGS}
+    return resolve(cli, ini, os.environ, cwd=Path(config.invocation_params.dir), ini_dir=ini_dir)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--kipik-gc``: reap, print, and exit without running tests."""
+    if not config.getoption("kipik_gc"):
+        return None
+    try:
+        kipik = _resolve(config)
+        backend = make_backend(kipik, print)
+        problems = reaper.reap(backend, lambda line: print(f"kipik gc: {line}", flush=True))
+        backend.close()
+    except KipikError as exc:
+        print(f"kipik gc: {exc}", flush=True)
+        return int(pytest.ExitCode.USAGE_ERROR)
+    return int(pytest.ExitCode.TESTS_FAILED) if problems else int(pytest.ExitCode.OK)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Resolve and validate the settings and choose the backend, before anything starts."""
-    ini_dir = config.inipath.parent if config.inipath else config.rootpath
-    cli = {s.name: config.getoption(f"kipik_{s.name}") for s in SETTINGS}
-    ini = {s.name: (str(config.getini(s.ini)) or None) for s in SETTINGS}
     try:
-        kipik = resolve(
-            cli, ini, os.environ, cwd=Path(config.invocation_params.dir), ini_dir=ini_dir
-        )
+        kipik = _resolve(config)
         choice = choose(kipik)
         _check_for(kipik, choice)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-kipik: {exc}") from None
     config.stash[CONFIG_KEY] = kipik
     config.stash[CHOICE_KEY] = choice
+    config.stash[SESSION_KEY] = _session(config, kipik)
     user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else {}
     for key in kind.unknown_fields(user):
         config.issue_config_time_warning(
@@ -79,6 +121,78 @@ def pytest_configure(config: pytest.Config) -> None:
             ),
             stacklevel=2,
         )
+
+
+def _session(config: pytest.Config, kipik: KipikConfig) -> Session:
+    """The owner's session (handed to xdist workers), or the one a worker was handed."""
+    handed = getattr(config, "workerinput", {}).get(WORKER_SESSION)
+    if handed:
+        return Session.for_worker(handed, os.environ.get("PYTEST_XDIST_WORKER"))
+    slot = None
+    if kipik.warm and not kipik.reuse:
+        try:
+            slot = WarmSlot.acquire(kipik.name_prefix)
+        except KipikError as exc:
+            raise pytest.UsageError(f"pytest-kipik: {exc}") from None
+        config.stash[WARM_KEY] = slot
+    return Session.new(warm_slot=slot.index if slot else None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """On the xdist controller: hand the session to each worker, show their progress."""
+    config: pytest.Config = node.config
+    session = config.stash[SESSION_KEY]
+    node.workerinput[WORKER_SESSION] = session.to_json()
+    if TAIL_KEY not in config.stash:
+        config.stash[TAIL_KEY] = Tail(session.directory / PROGRESS_FILE, _reporter(config))
+        config.stash[HOLDS_KEY] = OwnerHolds(
+            session,
+            lambda: make_backend(
+                config.stash[CONFIG_KEY], _reporter(config), config.stash[CHOICE_KEY]
+            ),
+        )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The owner removes what its session made and did not keep, after every worker is done.
+
+    Shared clusters outlive any one xdist worker, and a crashed worker's are found here too.
+    """
+    config = session.config
+    if SESSION_KEY not in config.stash or not config.stash[SESSION_KEY].owner:
+        return
+    kipik_session = config.stash[SESSION_KEY]
+    if TAIL_KEY in config.stash:
+        config.stash[TAIL_KEY].stop()
+        del config.stash[TAIL_KEY]
+    holds = config.stash.get(HOLDS_KEY, None)
+    report = _reporter(config)
+    problems: list[Exception] = []
+    with deferred_interrupts(reraise=False):  # cleanup must not be cut short
+        if kipik_session.directory.exists():  # else no cluster was asked for
+            try:
+                backend = make_backend(config.stash[CONFIG_KEY], report, config.stash[CHOICE_KEY])
+                try:
+                    problems = reaper.sweep(backend, kipik_session.run_id, report)
+                finally:
+                    backend.close()
+            except KipikError as exc:
+                problems = [exc]
+        if holds is not None:
+            holds.release()
+            del config.stash[HOLDS_KEY]
+    for problem in problems:
+        report(f"pytest-kipik teardown: {problem}")
+    kipik_session.remove_directory()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Let another session take this session's warm host."""
+    if WARM_KEY in config.stash:
+        config.stash[WARM_KEY].release()
+        del config.stash[WARM_KEY]
 
 
 def _check_for(kipik: KipikConfig, choice: Choice) -> None:
@@ -105,6 +219,19 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append("kipik pod: " + ", ".join(kipik.describe("pod")))
     else:
         lines.append(f"kipik: docker engine: {engine_location()}")
+    if kipik.reuse:
+        user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else None
+        key = sharing.cluster_key(
+            kipik, backend=choice.name, user_config=user, nodes=None, node_image=kipik.node_image
+        )
+        name = reuse_name(kipik.name_prefix, key)
+        if reuse_state(key).exists():
+            lines.append(f"kipik: reuse: {name} kept by an earlier run: reused when healthy")
+        else:
+            lines.append(f"kipik: reuse: no cluster kept for this configuration: {name} created")
+    session = config.stash[SESSION_KEY]
+    if session.warm_slot is not None:
+        lines.append(f"kipik: warm host: slot {session.warm_slot} (fresh cluster in a kept host)")
     return lines
 
 
@@ -112,7 +239,10 @@ def _reporter(config: pytest.Config) -> Reporter:
     """Progress lines straight to the terminal, past output capturing (like live logging)."""
     terminal = config.pluginmanager.get_plugin("terminalreporter")
     capture = config.pluginmanager.get_plugin("capturemanager")
-    if terminal is None:  # e.g. an xdist worker: progress goes to the log only
+    session = config.stash[SESSION_KEY]
+    if not session.owner:  # an xdist worker: the controller tails the session's progress file
+        return file_reporter(session.path() / PROGRESS_FILE, session.worker or "worker")
+    if terminal is None:
         return lambda line: None
 
     def report(line: str) -> None:
@@ -142,6 +272,7 @@ def nested_cluster_factory(
         report=report,
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
         verbose=config.get_verbosity() > 0,
+        session=config.stash[SESSION_KEY],
     )
     problem = None
     try:
@@ -159,13 +290,14 @@ def nested_cluster_factory(
 
 @pytest.fixture(scope="session")
 def nested_cluster(nested_cluster_factory: ClusterFactory) -> NestedCluster:
-    """A ready nested kind cluster shared by the whole session (one per xdist worker).
+    """A ready nested kind cluster shared by the whole session (all xdist workers share one).
 
     Has ``name``, ``kubeconfig_path``, ``server``, ``api_client``, ``core_v1`` and
-    ``kubectl(*args)``. Configure it with the ``--kipik-*`` options.
+    ``kubectl(*args)``. Configure it with the ``--kipik-*`` options; ``--kipik-reuse`` keeps it
+    for the next run, ``--kipik-warm`` makes it in a DinD host kept between runs.
     """
     try:
-        return nested_cluster_factory.create()
+        return nested_cluster_factory.shared()
     except KipikError as exc:
         problem = f"pytest-kipik could not create the nested cluster:\n{exc}"
     pytest.fail(problem, pytrace=False)  # outside the except block: the error shows once

@@ -68,6 +68,14 @@ class Owned:
         return f"{self.kind} {self.name}"
 
 
+class Hold(Protocol):
+    """A dead-man switch on a host, held by this process (see :meth:`Host.hold`)."""
+
+    def release(self) -> None:
+        """Let go of the host (it removes itself once no process holds it); idempotent."""
+        ...
+
+
 class Host(Protocol):
     """A Docker-in-Docker environment with a ready inner daemon and kind on its PATH."""
 
@@ -129,6 +137,25 @@ class Host(Protocol):
         """Remove the host and everything it holds; idempotent, and retried when it failed."""
         ...
 
+    def attach(self) -> bool:
+        """Adopt the existing, running host of this name carrying this host's run id.
+
+        For a worker or a later run using a host another process started. False (and nothing
+        adopted) when there is none, or it is not running, or it belongs to another run.
+        """
+        ...
+
+    def hold(self) -> Hold | None:
+        """Tie the host's life to this process, also against SIGKILL: the dead-man switch.
+
+        While any process holds it, the host lives; once the last holder is gone (released, or
+        its process died and its connection dropped), the host removes itself, volumes
+        included. Several processes may hold one host (xdist workers sharing a cluster). None
+        when the backend has its own backstop instead. Raises HostError when the hold cannot be
+        established (e.g. the host is already going away).
+        """
+        ...
+
     def how_to_use(self, kubeconfig: str) -> str:
         """A shell command that uses a kept cluster's kubeconfig from outside the session."""
         ...
@@ -158,6 +185,14 @@ class Backend(Protocol):
 
     def list_owned(self, run_id: str | None = None) -> list[Owned]:
         """What kipik made on this backend (all runs, or the run ``run_id``)."""
+        ...
+
+    def remove_owned(self, resource: Owned) -> None:
+        """Remove one listed resource (with what it holds); gone already is fine.
+
+        Raises HostError when the resource is not kipik's (no ``kipik.io/run-id``) or the
+        removal fails.
+        """
         ...
 
     def close(self) -> None:

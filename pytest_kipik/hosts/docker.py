@@ -7,12 +7,13 @@ uses overlay2; removed with the container) and publishes the nested API server's
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import tarfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlparse
 
@@ -40,6 +41,22 @@ DAEMON_LOG = "/var/log/dockerd.log"
 _STREAM_CHUNK = 4 * 1024 * 1024
 #: How long a single Docker API call may block (image save/load and long execs have their own).
 _API_TIMEOUT = 600
+#: Where holders of a DinD take their shared lock (see :data:`DEAD_MAN`).
+HOLDS_FILE = "/run/kipik-holds"
+#: The dead-man switch, run inside the DinD by every process that holds it (argv of
+#: ``docker exec -i``). Each holder keeps a shared flock while its stdin is open; the owner's
+#: process never writes to it, so stdin ends only when the owner's connection drops (released,
+#: or the process died, SIGKILL included: the kernel closes the socket, dockerd closes the
+#: exec's stdin). The holder that then gets the lock exclusively is the last one: it stops PID 1
+#: (tini), and the container, started with auto-remove, is removed with its anonymous volume.
+#: It keeps the exclusive lock until the end, so a late holder cannot attach to a dying host.
+DEAD_MAN = [
+    "sh",
+    "-c",
+    f'flock -s {HOLDS_FILE} sh -c "echo held; exec cat >/dev/null"; '
+    f'exec flock -n {HOLDS_FILE} sh -c "kill -TERM 1; sleep 10; kill -KILL -1"',
+]
+_HELD = b"held"
 
 
 def engine_location() -> str:
@@ -131,8 +148,30 @@ def _describe_owner(found: Mapping[str, str]) -> str:
     )
 
 
+class DockerHold:
+    """An open ``docker exec -i`` of :data:`DEAD_MAN`: the host lives while it is open."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def release(self) -> None:
+        """Close the connection: the holder's stdin ends (the last holder stops the host)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            raw = getattr(sock, "_sock", sock)
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            raw.close()
+
+
 class DockerHost:
-    """One privileged DinD container (plus its anonymous volume) for one nested cluster."""
+    """One privileged DinD container (plus its anonymous volume) for one nested cluster.
+
+    A session's container is started with auto-remove and held (:meth:`hold`), so it removes
+    itself when its owner dies. Kept, reused and warm containers (see ``labels.leased``) are
+    neither: they outlive the session on purpose.
+    """
 
     def __init__(
         self,
@@ -142,9 +181,11 @@ class DockerHost:
         name: str,
         labels: Mapping[str, str],
         inner_ports: Sequence[int],
+        resolve_image: Callable[[], str] | None = None,
     ) -> None:
         self.client = client
         self.image = image
+        self._resolve_image = resolve_image
         self._name = name
         self.labels = dict(labels)
         self.inner_ports = list(inner_ports)
@@ -171,6 +212,8 @@ class DockerHost:
             raise self._clash(self.client.containers.get(self._name))
         except docker.errors.NotFound:
             pass
+        if not self.image and self._resolve_image is not None:  # pulled or built only now
+            self.image = self._resolve_image()
         bind_ip = "127.0.0.1" if self.address == "127.0.0.1" else "0.0.0.0"
         try:
             self.container = self.client.containers.run(  # type: ignore[call-overload]
@@ -181,6 +224,7 @@ class DockerHost:
                 detach=True,
                 privileged=True,
                 labels=self.labels,
+                auto_remove=not lbl.leased(self.labels),
                 mounts=[
                     # anonymous: no name to clash with, removed together with the container
                     Mount(
@@ -212,7 +256,14 @@ class DockerHost:
         container = self._running()
 
         def answers() -> None:
-            container.reload()
+            try:
+                container.reload()
+            except docker.errors.NotFound:
+                raise HostError(
+                    f"the DinD container {self._name} stopped and was removed (auto-remove) "
+                    f"before its Docker daemon answered; run the image by hand to see why: "
+                    f"docker run --rm --privileged {self.image}"
+                ) from None
             if container.status not in ("created", "running"):
                 raise HostError(
                     f"the DinD container {self._name} stopped ({container.status}) before its "
@@ -245,12 +296,57 @@ class DockerHost:
             return None  # not ours: never remove another run's or another tool's container
         return found
 
+    def attach(self) -> bool:
+        """Adopt the running container of this name if it carries our run id."""
+        try:
+            found = self.client.containers.get(self._name)
+        except docker.errors.NotFound:
+            return False
+        if found.labels.get(lbl.RUN_ID) != self.labels.get(lbl.RUN_ID):
+            return False
+        if found.status != "running":
+            return False
+        self.container = found
+        return True
+
+    def hold(self) -> DockerHold:
+        """Open the dead-man exec (:data:`DEAD_MAN`) and wait until it holds the host."""
+        container = self._running()
+        api = self.client.api
+        try:
+            exec_id = api.exec_create(container.id, DEAD_MAN, stdin=True, stdout=True)["Id"]
+            sock: Any = api.exec_start(exec_id, socket=True)
+        except docker.errors.DockerException as exc:
+            raise HostError(f"could not hold {self._name}: {exc}") from None
+        raw: Any = getattr(sock, "_sock", sock)
+        hold = DockerHold(sock)
+        seen = b""
+        try:
+            raw.settimeout(30)
+            while _HELD not in seen:
+                data = raw.recv(64)
+                if not data:
+                    break
+                seen += data
+            raw.settimeout(None)
+        except OSError:
+            pass
+        if _HELD not in seen:
+            hold.release()
+            raise HostError(f"could not hold {self._name}: it is going away (its last holder left)")
+        return hold
+
     def remove(self) -> None:
         """Remove our container and its volumes (force); nothing that is not ours."""
         try:
             container = self._ours()
             if container is not None:
-                container.remove(force=True, v=True)
+                try:
+                    container.remove(force=True, v=True)
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:  # 409: auto-removal already under way
+                        raise
+                self._wait_gone()
         except docker.errors.NotFound:
             pass
         except docker.errors.DockerException as exc:
@@ -264,6 +360,23 @@ class DockerHost:
                 f"  remove by hand: {self.removal_command()}"
             ) from None
         self.container = None
+
+    def _wait_gone(self, timeout: float = 60) -> None:
+        """An auto-removed container may still be on its way out: wait until it is gone."""
+
+        def gone() -> None:
+            try:
+                self.client.containers.get(self._name)
+            except docker.errors.NotFound:
+                return
+            raise NotYet(f"{self._name} still exists")
+
+        wait_until(
+            gone,
+            what=f"the DinD container {self._name} to be removed",
+            timeout=timeout,
+            hint=f"remove it by hand: {self.removal_command()}",
+        )
 
     def removal_command(self) -> str:
         """How to remove this host by hand (its volume goes with it)."""
@@ -356,8 +469,24 @@ class DockerHost:
         if not container.put_archive("/", buffer.getvalue()):
             raise HostError(f"could not write {path} into {self._name}")
 
+    def _inner_id(self, reference: str) -> str | None:
+        """The id the inner daemon knows ``reference`` by, if it has it."""
+        found = self.exec(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", reference], timeout=60
+        )
+        return found.stdout.strip() if found.exit_code == 0 else None
+
     def load_image(self, image: str, timeout: float) -> str | None:
-        """Stream ``image`` from the local engine into the inner daemon, then tag it there."""
+        """Stream ``image`` from the local engine into the inner daemon, then tag it there.
+
+        A warm host that has the very same image (same id) already is not sent it again.
+        """
+        try:
+            local_id = str(self.client.images.get(image).id)
+        except docker.errors.ImageNotFound:
+            return None
+        if self._inner_id(inner_reference(image)) == local_id:
+            return inner_reference(image)
         found = image_stream(self.client, image)
         if found is None:
             return None
@@ -445,12 +574,39 @@ class DockerBackend:
     ) -> DockerHost:
         """A DinD container named ``name`` (not started yet)."""
         return DockerHost(
-            self.client, image=self._image(), name=name, labels=labels, inner_ports=inner_ports
+            self.client,
+            image="",
+            name=name,
+            labels=labels,
+            inner_ports=inner_ports,
+            resolve_image=self._image,
         )
 
     def list_owned(self, run_id: str | None = None) -> list[Owned]:
         """Containers and volumes kipik made on this engine."""
         return owned_resources(self.client, run_id)
+
+    def remove_owned(self, resource: Owned) -> None:
+        """Remove a kipik container (force, with its anonymous volumes) or volume."""
+        if lbl.RUN_ID not in resource.labels:
+            raise HostError(f"{resource} has no {lbl.RUN_ID} label: not kipik's, left alone")
+        try:
+            if resource.kind == "container":
+                DockerHost(
+                    self.client,
+                    image="",
+                    name=resource.name,
+                    labels=resource.labels,
+                    inner_ports=[],
+                ).remove()
+            elif resource.kind == "volume":
+                self.client.volumes.get(resource.name).remove(force=True)
+            else:
+                raise HostError(f"the docker backend does not make {resource.kind}s")
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.DockerException as exc:
+            raise HostError(f"could not remove {resource}: {exc}") from None
 
     def close(self) -> None:
         """Close the engine connection."""

@@ -228,24 +228,3 @@ def test_readiness_timeout_names_the_check_and_cleans_up(
         ]
     )
     assert leftovers() == []
-
-
-def test_xdist_workers_get_their_own_clusters(
-    pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
-) -> None:
-    for index in (1, 2):
-        pytester.makepyfile(
-            **{
-                f"test_w{index}": """
-                import os
-
-                def test_cluster(nested_cluster):
-                    worker = os.environ["PYTEST_XDIST_WORKER"]
-                    assert nested_cluster.name.endswith("-" + worker)
-                    assert nested_cluster.core_v1.list_node().items
-                """
-            }
-        )
-    result = pytester.runpytest_subprocess(*_images_args(test_images), "-n", "2")
-    result.assert_outcomes(passed=2)
-    assert leftovers() == []

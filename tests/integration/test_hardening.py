@@ -141,7 +141,12 @@ class _NoSansBackend(DockerBackend):
     def make_host(self, name: str, labels: object, inner_ports: object) -> DockerHost:
         host = super().make_host(name, labels, inner_ports)  # type: ignore[arg-type]
         return _NoSansHost(
-            host.client, image=host.image, name=name, labels=host.labels, inner_ports=[6443]
+            host.client,
+            image=host.image,
+            name=name,
+            labels=host.labels,
+            inner_ports=[6443],
+            resolve_image=self._image,
         )
 
 

@@ -43,7 +43,8 @@ def test_header_shows_values_and_their_sources(
             "kipik: backend=auto (default), image=dind:cli (cli), node_image=node:ini (ini), "
             "kind_config=- (default), timeout=120s (env), keep=True (cli), "
             "name_prefix=kipik (default), pod_subnet=100.96.0.0/16 (default), "
-            "service_subnet=100.97.0.0/16 (default)",
+            "service_subnet=100.97.0.0/16 (default), reuse=False (default), "
+            "warm=False (default), ttl=14400s (default)",
             "kipik: backend docker (auto: not running in a Kubernetes pod)",
             "kipik: docker engine: unix:///var/run/docker.sock "
             "(the default; DOCKER_HOST is not set)",

@@ -23,6 +23,9 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "service_subnet": (
             "--kipik-service-subnet", "kipik_service_subnet", "KIPIK_SERVICE_SUBNET"
         ),
+        "reuse": ("--kipik-reuse", "kipik_reuse", "KIPIK_REUSE"),
+        "warm": ("--kipik-warm", "kipik_warm", "KIPIK_WARM"),
+        "ttl": ("--kipik-ttl", "kipik_ttl", "KIPIK_TTL"),
         "outer_kubeconfig": (
             "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
         ),
@@ -53,6 +56,9 @@ def test_defaults(tmp_path: Path) -> None:
         name_prefix="kipik",
         pod_subnet="100.96.0.0/16",
         service_subnet="100.97.0.0/16",
+        reuse=False,
+        warm=False,
+        ttl=14400.0,
     )
     assert config == KipikConfig()  # the declared defaults are the resolved ones
     assert set(config.sources.values()) == {"default"}
@@ -96,6 +102,9 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
         "name_prefix=kipik (default)",
         "pod_subnet=100.96.0.0/16 (default)",
         "service_subnet=100.97.0.0/16 (default)",
+        "reuse=False (default)",
+        "warm=False (default)",
+        "ttl=14400s (default)",
     ]
     assert config.describe("pod") == [
         "outer_kubeconfig=- (default)",
@@ -109,13 +118,20 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("300", 300.0), ("45s", 45.0), ("5m", 300.0), ("1.5h", 5400.0), (" 2m ", 120.0)],
+    [
+        ("300", 300.0),
+        ("45s", 45.0),
+        ("5m", 300.0),
+        ("1.5h", 5400.0),
+        (" 2m ", 120.0),
+        ("2d", 172800.0),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "soon", "-5", "5d", "0", "1m30s"])
+@pytest.mark.parametrize("text", ["", "soon", "-5", "5w", "0", "1m30s"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"duration|longer than zero"):
         parse_duration(text)

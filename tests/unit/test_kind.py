@@ -101,6 +101,10 @@ def test_argv_builders() -> None:
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
           "--retain"]  # fmt: skip
     assert kind.get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
+    assert kind.get_clusters_argv() == ["kind", "get", "clusters"]
+    assert kind.delete_argv("demo") == [
+        "kind", "delete", "cluster", "--name", "demo", "--kubeconfig", "/kipik/demo/kubeconfig"
+    ]  # fmt: skip
     assert kind.ClusterPaths.for_cluster("demo") == kind.ClusterPaths(
         config="/kipik/demo/kind-config.yaml", kubeconfig="/kipik/demo/kubeconfig"
     )

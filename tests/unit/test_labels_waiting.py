@@ -40,11 +40,25 @@ def test_owner_labels() -> None:
         "kipik.io/owner-host": labels.label_value(socket.gethostname()),
         "kipik.io/owner-pid": str(os.getpid()),
         "kipik.io/created-at": "20261122T030405Z",
+        "kipik.io/expires-at": "20261122T070405Z",
         "kipik.io/worker": "main",
     }
     kept = labels.owner_labels(run_id="r1", cluster="c", role="dind", worker="gw0", keep=True)
     assert (kept["kipik.io/keep"], kept["kipik.io/worker"]) == ("true", "gw0")
-    for value in [*got.values(), *kept.values()]:  # valid for Docker and Kubernetes alike
+    shared = labels.owner_labels(
+        run_id="r1", cluster="c", role="dind", worker="gw1", keep=False, now=now, ttl=90,
+        owner_pid=4242, owner_pod="ci-step-7x2k/0", reuse_key="0123456789abcdef", warm_slot=3,
+    )  # fmt: skip
+    assert {k: v for k, v in shared.items() if k not in got or got[k] != v} == {
+        "kipik.io/owner-pid": "4242",
+        "kipik.io/expires-at": "20261122T030535Z",
+        "kipik.io/worker": "gw1",
+        "kipik.io/owner-pod": "ci-step-7x2k-0",
+        "kipik.io/reuse-key": "0123456789abcdef",
+        "kipik.io/warm-slot": "3",
+    }
+    assert [labels.leased(x) for x in (got, kept, shared, None)] == [False, True, True, False]
+    for value in [*got.values(), *kept.values(), *shared.values()]:  # valid for both
         assert labels.LABEL_VALUE_RE.match(value), value
         assert len(value) <= 63, value
     assert labels.parse_timestamp(got["kipik.io/created-at"]) == now

@@ -1,0 +1,7 @@
+"""``python -m pytest_kipik gc``: the same as the ``kipik`` command."""
+
+import sys
+
+from pytest_kipik.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Sharing clusters: one session's workers, runs after one another (reuse), warm hosts.
+
+Pure parts: the :class:`Session` identity handed from the process that owns a session to its
+workers, the key of a cluster configuration, the hand-off and reuse records and the lease a
+kept host carries. The flows that use them live in :mod:`pytest_kipik.cluster`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from pytest_kipik import labels, paths
+from pytest_kipik.config import KipikConfig
+from pytest_kipik.errors import KipikError
+
+#: Bumped when what kipik makes of the same settings changes (a kept cluster is then stale).
+KEY_VERSION = 1
+#: Settings that do not shape the cluster (left out of its key).
+NOT_SHAPING = ("timeout", "keep", "reuse", "warm", "ttl", "kind_config")
+#: Where a kept, reused or warm host carries its lease (read by ``kipik gc``).
+LEASE_PATH = "/kipik/lease.json"
+#: How many warm hosts one user may have per name prefix (one per concurrent session).
+WARM_SLOTS = 16
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who owns a session and where its processes meet.
+
+    Made once by the process that owns the session (pytest without xdist, or xdist's
+    controller, which outlives its workers) and handed to the workers. ``owner_pid`` goes into
+    every label; ``directory`` (created on first use) holds hand-offs, kubeconfigs and progress
+    lines; ``owner`` says whether this process removes the session's shared clusters.
+    """
+
+    run_id: str
+    owner_pid: int
+    directory: Path
+    owner: bool = True
+    worker: str | None = None
+    warm_slot: int | None = None
+
+    @classmethod
+    def new(cls, *, warm_slot: int | None = None) -> Session:
+        """A session owned by this process."""
+        run_id = labels.new_run_id()
+        directory = paths.cache_home() / "sessions" / run_id
+        return cls(run_id, os.getpid(), directory, owner=True, warm_slot=warm_slot)
+
+    def to_json(self) -> str:
+        """What a worker needs (see :meth:`for_worker`)."""
+        data = dataclasses.asdict(self)
+        data["directory"] = str(self.directory)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def for_worker(cls, text: str, worker: str | None) -> Session:
+        """The owner's session as seen by one of its workers (which is not the owner)."""
+        data = json.loads(text)
+        data["directory"] = Path(data["directory"])
+        return dataclasses.replace(cls(**data), owner=False, worker=worker)
+
+    def path(self) -> Path:
+        """The session directory, made private on first use."""
+        return paths.private_dir(self.directory.parent, self.directory.name)
+
+    def remove_directory(self) -> None:
+        """Remove the session directory (the owner, at the end)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def cluster_key(
+    config: KipikConfig,
+    *,
+    backend: str,
+    user_config: Mapping[str, Any] | None,
+    nodes: int | None,
+    node_image: str | None,
+) -> str:
+    """A hash of everything that shapes a cluster: settings, kind config content, nodes, image.
+
+    Clusters with the same key are interchangeable: xdist workers share one, and a reused
+    cluster is attached to only when the key is unchanged.
+    """
+    material: dict[str, Any] = {
+        "version": KEY_VERSION,
+        "backend": backend,
+        "kind_config": user_config or {},
+        "nodes": nodes,
+        "node_image": node_image or config.node_image,
+    }
+    for item in dataclasses.fields(config):
+        if item.metadata.get("setting") and item.name not in NOT_SHAPING:
+            material.setdefault(item.name, _plain(getattr(config, item.name)))
+    text = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def warm_host_key(backend: str, image: str) -> str:
+    """What a warm host is made of (backend and DinD image): another key, another host."""
+    return hashlib.sha256(f"{backend}\0{image}".encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Record:
+    """How to attach to a cluster another process made (hand-off file, reuse state file)."""
+
+    name: str
+    host: str
+    labels: Mapping[str, str]
+    server: str
+    kubeconfig: str
+    nodes: int
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def dump(self) -> str:
+        """JSON text."""
+        data = dataclasses.asdict(self)
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> Record | None:
+        """The record in ``path``, or None when it is missing or unreadable."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        """Write atomically, mode 0600."""
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(self.dump())
+        os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Until when a kept, reused or warm host is wanted, and by which process last."""
+
+    expires_at: str
+    holder_host: str
+    holder_pid: int
+
+    @classmethod
+    def new(cls, ttl: float, holder_pid: int, now: dt.datetime | None = None) -> Lease:
+        """A lease for ``ttl`` seconds from ``now``, held by ``holder_pid`` on this machine."""
+        moment = now or dt.datetime.now(dt.timezone.utc)
+        return cls(
+            labels.timestamp(moment + dt.timedelta(seconds=ttl)),
+            labels.label_value(socket.gethostname()),
+            holder_pid,
+        )
+
+    def dump(self) -> bytes:
+        """JSON bytes, as written into the host."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, text: str) -> Lease | None:
+        """The lease in ``text`` (None when it is not one)."""
+        try:
+            data = json.loads(text)
+            lease = cls(str(data["expires_at"]), str(data["holder_host"]), int(data["holder_pid"]))
+            labels.parse_timestamp(lease.expires_at)
+        except (ValueError, TypeError, KeyError):
+            return None
+        return lease
+
+
+class WarmSlot:
+    """One warm host slot, locked for the whole session (concurrent sessions take others)."""
+
+    def __init__(self, prefix: str, index: int, lock: FileLock) -> None:
+        self.prefix = prefix
+        self.index = index
+        self._lock = lock
+
+    @classmethod
+    def acquire(cls, prefix: str, slots: int = WARM_SLOTS) -> WarmSlot:
+        """The first slot no other session holds."""
+        directory = paths.private_dir(paths.cache_home(), "locks")
+        for index in range(slots):
+            lock = FileLock(directory / f"warm-{prefix}-{index}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            return cls(prefix, index, lock)
+        raise KipikError(f"all {slots} warm slots of prefix {prefix!r} are in use")
+
+    def release(self) -> None:
+        """Let another session take the slot."""
+        self._lock.release()
