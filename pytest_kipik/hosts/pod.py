@@ -59,8 +59,6 @@ RBAC_EXAMPLE = "examples/rbac.yaml"
 PSA_LABEL = "pod-security.kubernetes.io/enforce=privileged"
 _CHUNK = 1024 * 1024
 _REQUEST_TIMEOUT = 30
-#: activeDeadlineSeconds = creation timeout + this: the dead-man switch of a pod whose run died.
-SESSION_ALLOWANCE = 4 * 3600
 _EXEC_STATUS_CHANNEL = 3
 
 
@@ -381,6 +379,28 @@ class PodHost:
         )
         self._created = False
 
+    def attach(self) -> bool:
+        """Adopt the running pod of this name if it carries our run id."""
+        try:
+            found: Any = self.core.read_namespaced_pod(
+                self._name, self.namespace, _request_timeout=_REQUEST_TIMEOUT
+            )
+        except ApiException:
+            return False
+        labels = found.metadata.labels or {}
+        if labels.get(lbl.RUN_ID) != self.labels.get(lbl.RUN_ID):
+            return False
+        if found.status.phase != "Running":
+            return False
+        self.pod_ip = found.status.pod_ip
+        self._created = True
+        return True
+
+    def hold(self) -> None:
+        """None: the pod's backstop is its deadline (timeout + ttl) and its ownerReference."""
+        # TODO(pod backend): a held exec like the docker backend's, if the deadline is too coarse.
+        return None
+
     def _is_ours(self) -> bool:
         try:
             found: Any = self.core.read_namespaced_pod(
@@ -682,7 +702,7 @@ class PodBackend:
             image=self.config.image,
             args=inner_dockerd_args(),
             labels=owner_labels,
-            deadline_seconds=int(self.config.timeout) + SESSION_ALLOWANCE,
+            deadline_seconds=int(self.config.timeout + self.config.ttl),
             service_account=self.config.service_account,
             storage_limit=self.config.docker_storage,
             owner=self._owner,
@@ -727,6 +747,12 @@ class PodBackend:
         except ApiException as exc:
             raise _api_failure(exc, "list", "pods", self.namespace) from None
         return [Owned("pod", str(p.metadata.name), dict(p.metadata.labels or {})) for p in pods]
+
+    def remove_owned(self, resource: Owned) -> None:
+        """Delete a kipik pod (and wait until it is gone)."""
+        if lbl.RUN_ID not in resource.labels or resource.kind != "pod":
+            raise HostError(f"{resource} is not a kipik pod: left alone")
+        PodHost(self, name=resource.name, labels=resource.labels, inner_ports=[]).remove()
 
     def close(self) -> None:
         """Close the clients."""
