@@ -361,7 +361,7 @@ class ClusterFactory:
                 kubeconfig_dir=None
                 if self.config.keep  # in the state directory, which outlives the session
                 else paths.private_dir(directory, "clusters", name),
-                owned=self.session.owner,
+                owned=self.session.owner and not warm,  # a warm host stays
             )
             deadline = time.monotonic() + self.config.timeout
             cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=plan)
@@ -439,12 +439,12 @@ class ClusterFactory:
             if not host.attach():
                 self.backend.remove_owned(existing)
                 return None
-            with phase(self.report, name, "warm host ready"):
+            with phase(self.report, name, f"warm host {existing.name} ready"):
                 host.wait_ready(left())
-                driver = kind.KindDriver(host)
-                for old in driver.clusters():
-                    with phase(self.report, name, f"previous cluster {old} deleted"):
-                        driver.delete(old, timeout=left())
+            driver = kind.KindDriver(host)
+            for old in driver.clusters():
+                with phase(self.report, name, f"previous cluster {old} deleted"):
+                    driver.delete(old, timeout=left())
         except KipikError as exc:
             self.report(f"kipik {name}: warm host {existing.name} unusable, replacing it: {exc}")
             self.backend.remove_owned(existing)
