@@ -714,7 +714,8 @@ class Kubelet:
             propagation = PROPAGATION.get(mount.get("mountPropagation", "None"))
             empty = volume.get("emptyDir")
             if "hostPath" in volume:
-                source = os.path.join(volume["hostPath"]["path"], sub)
+                path = volume["hostPath"]["path"]
+                source = os.path.join(path, sub) if sub else path  # a socket has no "/" after it
                 if not os.path.exists(source):
                     os.makedirs(source, exist_ok=True)
                 mounts.append(
