@@ -183,6 +183,7 @@ class ClusterFactory:
     def connect(self) -> None:
         """Check now that the backend answers (raises BackendUnavailable saying what to do)."""
         self.backend.connect()
+        log.info("kipik: hosts on the %s backend: %s", self.backend.name, self.backend.describe())
 
     def _next_name(self, name: str | None) -> str:
         with self._lock:

@@ -527,11 +527,14 @@ class DockerHost:
 def owned_resources(client: docker.DockerClient, run_id: str | None = None) -> list[Owned]:
     """Containers and volumes kipik created (all runs, or the run ``run_id``)."""
     selector = f"{lbl.RUN_ID}={run_id}" if run_id else lbl.RUN_ID
-    containers = client.containers.list(all=True, filters={"label": selector})
-    volumes = client.volumes.list(filters={"label": selector})
-    return [Owned("container", str(c.name), dict(c.labels)) for c in containers] + [
-        Owned("volume", str(v.name), dict(v.attrs.get("Labels") or {})) for v in volumes
-    ]
+    # the low-level listing: the models' list() inspects each container and fails on one that
+    # is removed meanwhile (another session's teardown)
+    containers = client.api.containers(all=True, filters={"label": selector})
+    volumes = client.api.volumes(filters={"label": selector}).get("Volumes") or []
+    return [
+        Owned("container", str(c["Names"][0]).lstrip("/"), dict(c.get("Labels") or {}))
+        for c in containers
+    ] + [Owned("volume", str(v["Name"]), dict(v.get("Labels") or {})) for v in volumes]
 
 
 class DockerBackend:

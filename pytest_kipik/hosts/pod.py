@@ -126,8 +126,8 @@ class PortForwarder:
     costs only the connections in flight: the next connection gets a fresh one.
     """
 
-    def __init__(self, core: k8s_client.CoreV1Api, pod: str, namespace: str, port: int) -> None:
-        self.core = core
+    def __init__(self, backend: PodBackend, pod: str, namespace: str, port: int) -> None:
+        self.backend = backend
         self.pod = pod
         self.namespace = namespace
         self.port = port
@@ -151,14 +151,15 @@ class PortForwarder:
             self._open.add(conn)
         forward: Any = None
         try:
-            forward = portforward(
-                self.core.connect_get_namespaced_pod_portforward,
-                self.pod,
-                self.namespace,
-                ports=str(self.port),
-            )
-            remote = forward.socket(self.port)
-            self._relay(conn, remote)
+            with self.backend.streaming() as core:
+                forward = portforward(
+                    core.connect_get_namespaced_pod_portforward,
+                    self.pod,
+                    self.namespace,
+                    ports=str(self.port),
+                )
+                remote = forward.socket(self.port)
+                self._relay(conn, remote)
         except Exception:  # the client sees its connection close
             pass
         finally:
@@ -167,6 +168,8 @@ class PortForwarder:
             conn.close()
             if forward is not None:
                 forward.close()
+                # websocket-client never closes its TLS socket when the server closed first
+                forward.websocket.shutdown()
 
     def _relay(self, local: socket.socket, remote: Any) -> None:
         peers = {local.fileno(): remote, remote.fileno(): local}
@@ -448,7 +451,7 @@ class PodHost:
             return Endpoint(self.pod_ip, inner_port)
         if inner_port not in self._forwarders:
             self._forwarders[inner_port] = PortForwarder(
-                self.core, self._name, self.namespace, inner_port
+                self.backend, self._name, self.namespace, inner_port
             )
         return Endpoint("127.0.0.1", self._forwarders[inner_port].local_port)
 
@@ -473,41 +476,54 @@ class PodHost:
         where += [self._name, "--"]
 
         def run(out: Output, err: Output) -> int:
-            try:
-                ws: Any = stream(
-                    self.core.connect_get_namespaced_pod_exec,
-                    self._name,
-                    self.namespace,
-                    container=CONTAINER,
-                    command=args,
-                    stdin=stdin is not None,
-                    stdout=True,
-                    stderr=True,
-                    tty=False,
-                    _preload_content=False,
-                )
-            except ApiException as exc:
-                raise _api_failure(exc, "create", "pods/exec", self.namespace) from None
-            status = Output()
-
-            def drain() -> None:
-                # text channels (every client version since 29 speaks them); output is text
-                for channel, sink in ((1, out), (2, err), (_EXEC_STATUS_CHANNEL, status)):
-                    data = ws.read_channel(channel)
-                    sink.add(data.encode() if isinstance(data, str) else data)
-
-            try:
-                for chunk in stdin or ():
-                    ws.write_stdin(chunk)
-                while ws.is_open():
-                    ws.update(timeout=1)
-                    drain()
-                drain()
-            finally:
-                ws.close()
-            return _exit_code(status.text())
+            with self.backend.streaming() as core:
+                return self._stream_exec(core, args, out, err, stdin)
 
         return run_in(where, args, run, timeout=timeout, on_output=on_output)
+
+    def _stream_exec(
+        self,
+        core: k8s_client.CoreV1Api,
+        args: list[str],
+        out: Output,
+        err: Output,
+        stdin: Iterable[bytes] | None,
+    ) -> int:
+        """One exec through ``core`` (a client of its own): output in, exit code out."""
+        try:
+            ws: Any = stream(
+                core.connect_get_namespaced_pod_exec,
+                self._name,
+                self.namespace,
+                container=CONTAINER,
+                command=args,
+                stdin=stdin is not None,
+                stdout=True,
+                stderr=True,
+                tty=False,
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            raise _api_failure(exc, "create", "pods/exec", self.namespace) from None
+        status = Output()
+
+        def drain() -> None:
+            # text channels (every client version since 29 speaks them); output is text
+            for channel, sink in ((1, out), (2, err), (_EXEC_STATUS_CHANNEL, status)):
+                data = ws.read_channel(channel)
+                sink.add(data.encode() if isinstance(data, str) else data)
+
+        try:
+            for chunk in stdin or ():
+                ws.write_stdin(chunk)
+            while ws.is_open():
+                ws.update(timeout=1)
+                drain()
+            drain()
+        finally:
+            ws.close()
+            ws.sock.shutdown()  # the server closes first; websocket-client keeps the socket
+        return _exit_code(status.text())
 
     def _exec_with_input(
         self, script: str, size: int, chunks: Iterable[bytes], timeout: float, *args: str
@@ -637,6 +653,20 @@ class PodBackend:
     def core(self) -> k8s_client.CoreV1Api:
         """``CoreV1Api`` of the outer cluster."""
         return k8s_client.CoreV1Api(self.api)
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[k8s_client.CoreV1Api]:
+        """A ``CoreV1Api`` on a client of its own, for one exec or port-forward stream.
+
+        The official client's ``stream``/``portforward`` swap the request method of the client
+        they are given for the duration of the call; on a client shared between threads that
+        sends other threads' plain requests down the WebSocket path (and can leave it there).
+        """
+        api = k8s_client.ApiClient(self.api.configuration)
+        try:
+            yield k8s_client.CoreV1Api(api)
+        finally:
+            api.close()
 
     def connect(self) -> None:
         """Check that the outer API server answers, and find the pod kipik runs in."""

@@ -1,0 +1,100 @@
+"""The pod backend next to the docker backend: time to ready per phase, measured in one run.
+
+The outer cluster is the outer-cluster double from tests/doubles/outer (its pods are real
+privileged containers on this engine; exec and port-forward are the real WebSocket protocols),
+so the pod column shows what the pod backend's own path costs: pod creation through the API,
+the node image streamed through the exec API, kind through exec, and the nested API server
+reached through a port-forward. Rounds alternate between the backends. Also prints the node-image
+throughput through exec and the ratio of pod to docker time to ready.
+
+    python3 benchmarks/pod_backend.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import docker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the outer-cluster double in tests/
+
+from pytest_kipik import ClusterFactory, KipikConfig
+from tests.doubles.outer import OuterCluster
+
+NAMESPACE = "kipik-bench"
+
+
+def run(config: KipikConfig) -> dict[str, float]:
+    """One cluster made and removed; the phase times kipik reports."""
+    lines: list[str] = []
+    with ClusterFactory(config, report=lines.append) as factory:
+        factory.create()
+    times: dict[str, float] = {}
+    for line in lines:
+        found = re.match(r"kipik \S+: (.+) \((\d+\.\d+)s\)$", line)
+        if found:
+            phase = re.sub(r"node image \S+ in", "node image in", found.group(1))
+            times[phase] = float(found.group(2))
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--image", default="kipik-test/dind:dev", help="the DinD image")
+    parser.add_argument("--node-image", default="kipik-test/node:dev", help="the node image")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    args = parser.parse_args()
+    engine = docker.from_env()
+    size_mb = engine.images.get(args.node_image).attrs["Size"] / 1e6
+    engine.close()
+    results: dict[str, list[dict[str, float]]] = {"docker": [], "pod": []}
+    with (
+        tempfile.TemporaryDirectory(prefix="kipik-bench-") as tmp,
+        OuterCluster.start(Path(tmp), namespaces=(NAMESPACE,)) as outer,
+    ):
+        configs = {
+            "docker": KipikConfig(image=args.image, node_image=args.node_image, timeout=600),
+            "pod": KipikConfig(
+                backend="pod",
+                image=args.image,
+                node_image=args.node_image,
+                outer_kubeconfig=Path(outer.kubeconfig_path),
+                namespace=NAMESPACE,
+                timeout=600,
+            ),
+        }
+        for round_ in range(1, args.rounds + 1):
+            for backend, config in configs.items():
+                results[backend].append(run(config))
+            print(
+                f"round {round_}: "
+                + ", ".join(f"{b} {sum(r[-1].values()):.1f}s" for b, r in results.items()),
+                file=sys.stderr,
+            )
+    phases = list(results["pod"][0])
+    print(f"{'phase':<26}{'docker':>10}{'pod':>10}")
+    for phase in phases:
+        medians = [statistics.median(r.get(phase, 0.0) for r in results[b]) for b in results]
+        print(f"{phase:<26}" + "".join(f"{m:>9.2f}s" for m in medians))
+    ready = {
+        b: statistics.median(sum(v for p, v in r.items() if p != "teardown") for r in runs)
+        for b, runs in results.items()
+    }
+    print(f"{'time to ready':<26}{ready['docker']:>9.2f}s{ready['pod']:>9.2f}s")
+    for backend, runs in results.items():
+        seconds = statistics.median(r["node image in"] for r in runs)
+        print(f"node image throughput ({backend}): {size_mb / seconds:.1f} MB/s "
+              f"({size_mb:.0f} MB in {seconds:.2f}s)")  # fmt: skip
+    print(f"time to ready ratio (pod / docker): {ready['pod'] / ready['docker']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
