@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from pytest_kipik.errors import HostError
+from pytest_kipik.image import inner_reference
 from pytest_kipik.process import CommandResult
 
 #: Receives output lines of a running command as they come (e.g. kind's progress).
@@ -163,6 +165,24 @@ class Host(Protocol):
     def removal_command(self) -> str:
         """A shell command a user can paste to remove the host by hand."""
         ...
+
+
+def tag_loaded(host: Host, image: str, image_id: str, loaded: CommandResult) -> str:
+    """After ``docker load`` of ``image`` (by id) inside ``host``: tag it as kind will ask for it.
+
+    Returns the inner reference (see :func:`~pytest_kipik.image.inner_reference`); raises
+    HostError with the inner daemon's log when the load or the tag failed.
+    """
+    inner = inner_reference(image)
+    if loaded.exit_code == 0:
+        tagged = host.exec(["docker", "tag", image_id, inner], timeout=60)
+        if tagged.exit_code == 0:
+            return inner
+        loaded = tagged
+    raise HostError(
+        f"moving {image} into {host.name} failed: {loaded.stderr.strip()}\n"
+        f"  inner daemon log:\n{host.daemon_log(20)}"
+    )
 
 
 class Backend(Protocol):

@@ -30,7 +30,7 @@ from pytest_kipik.errors import (
     ImageError,
     NameClashError,
 )
-from pytest_kipik.hosts.base import Endpoint, OutputSink, Owned, inner_dockerd_args
+from pytest_kipik.hosts.base import Endpoint, OutputSink, Owned, inner_dockerd_args, tag_loaded
 from pytest_kipik.image import ensure_default_image, inner_reference
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
@@ -492,16 +492,7 @@ class DockerHost:
             return None
         image_id, chunks = found
         loaded = self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
-        inner = inner_reference(image)
-        if loaded.exit_code == 0:
-            tagged = self.exec(["docker", "tag", image_id, inner], timeout=60)
-            if tagged.exit_code == 0:
-                return inner
-            loaded = tagged
-        raise HostError(
-            f"moving {image} into {self._name} failed: {loaded.stderr.strip()}\n"
-            f"  inner daemon log:\n{self.daemon_log(20)}"
-        )
+        return tag_loaded(self, image, image_id, loaded)
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the container's output."""

@@ -46,9 +46,9 @@ from pytest_kipik.hosts.base import (
     Owned,
     in_pod,
     inner_dockerd_args,
+    tag_loaded,
 )
 from pytest_kipik.hosts.docker import engine_answers, image_stream
-from pytest_kipik.image import inner_reference
 from pytest_kipik.pod_manifest import CONTAINER, build_pod, load_template
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
@@ -561,16 +561,7 @@ class PodHost:
                 )
         finally:
             path.unlink(missing_ok=True)
-        inner = inner_reference(image)
-        if loaded.exit_code == 0:
-            tagged = self.exec(["docker", "tag", image_id, inner], timeout=60)
-            if tagged.exit_code == 0:
-                return inner
-            loaded = tagged
-        raise HostError(
-            f"moving {image} into {self._name} failed: {loaded.stderr.strip()}\n"
-            f"  inner daemon log:\n{self.daemon_log(20)}"
-        )
+        return tag_loaded(self, image, image_id, loaded)
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the pod's output."""
