@@ -271,7 +271,7 @@ def nested_cluster_factory(
         workdir=tmp_path_factory.mktemp("kipik"),
         report=report,
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
-        verbose=config.get_verbosity() > 0,
+        verbose=int(config.getoption("verbose")) > 0,
         session=config.stash[SESSION_KEY],
     )
     problem = None
