@@ -34,7 +34,7 @@ if ! python3 -m tox --version >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check 'tox>=4.11'
 fi
 if ! python3 -c 'import docker' >/dev/null 2>&1; then
-    python3 -m pip install --quiet --disable-pip-version-check 'docker>=7.0'
+    python3 -m pip install --quiet --disable-pip-version-check 'docker>=7.1'
 fi
 
 step "test images"

@@ -119,6 +119,31 @@ def local_outer_addresses() -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
+_FORWARD_OPENING = threading.Lock()
+
+
+def _open_forward(
+    core: k8s_client.CoreV1Api, pod: str, namespace: str, port: int
+) -> tuple[Any, threading.Thread | None]:
+    """A port-forward stream and the client's proxy thread serving it.
+
+    The client starts one thread per stream and does not expose it; opening streams one at a
+    time makes the new thread the one that appeared, so it can be waited for before its socket
+    is released (releasing it under a running proxy breaks that thread's read).
+    """
+    with _FORWARD_OPENING:
+        before = set(threading.enumerate())
+        forward = portforward(
+            core.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port)
+        )
+        started = [
+            t
+            for t in set(threading.enumerate()) - before
+            if t.name.startswith("Kubernetes port forward proxy")
+        ]
+    return forward, started[0] if len(started) == 1 else None
+
+
 class PortForwarder:
     """``127.0.0.1:<free port>`` relayed to a pod port, one port-forward stream per connection.
 
@@ -150,16 +175,11 @@ class PortForwarder:
         with self._lock:
             self._open.add(conn)
         forward: Any = None
+        proxy: threading.Thread | None = None
         try:
             with self.backend.streaming() as core:
-                forward = portforward(
-                    core.connect_get_namespaced_pod_portforward,
-                    self.pod,
-                    self.namespace,
-                    ports=str(self.port),
-                )
-                remote = forward.socket(self.port)
-                self._relay(conn, remote)
+                forward, proxy = _open_forward(core, self.pod, self.namespace, self.port)
+                self._relay(conn, forward.socket(self.port))
         except Exception:  # the client sees its connection close
             pass
         finally:
@@ -167,9 +187,12 @@ class PortForwarder:
                 self._open.discard(conn)
             conn.close()
             if forward is not None:
-                forward.close()
-                # websocket-client never closes its TLS socket when the server closed first
-                forward.websocket.shutdown()
+                forward.close()  # the client's proxy thread ends once its local end is closed
+                if proxy is not None:
+                    proxy.join(timeout=10)
+                if proxy is None or not proxy.is_alive():
+                    # websocket-client keeps its TLS socket when the server closed first
+                    forward.websocket.shutdown()
 
     def _relay(self, local: socket.socket, remote: Any) -> None:
         peers = {local.fileno(): remote, remote.fileno(): local}
