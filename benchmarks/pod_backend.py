@@ -13,7 +13,6 @@ throughput through exec and the ratio of pod to docker time to ready.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -23,24 +22,12 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the outer-cluster double in tests/
 
-from pytest_kipik import ClusterFactory, KipikConfig
+from time_to_ready import phase_times  # the same measurement as the docker benchmark
+
+from pytest_kipik import KipikConfig
 from tests.doubles.outer import OuterCluster
 
 NAMESPACE = "kipik-bench"
-
-
-def run(config: KipikConfig) -> dict[str, float]:
-    """One cluster made and removed; the phase times kipik reports."""
-    lines: list[str] = []
-    with ClusterFactory(config, report=lines.append) as factory:
-        factory.create()
-    times: dict[str, float] = {}
-    for line in lines:
-        found = re.match(r"kipik \S+: (.+) \((\d+\.\d+)s\)$", line)
-        if found:
-            phase = re.sub(r"node image \S+ in", "node image in", found.group(1))
-            times[phase] = float(found.group(2))
-    return times
 
 
 def main() -> int:
@@ -72,7 +59,7 @@ def main() -> int:
         }
         for round_ in range(1, args.rounds + 1):
             for backend, config in configs.items():
-                results[backend].append(run(config))
+                results[backend].append(phase_times(config))
             print(
                 f"round {round_}: "
                 + ", ".join(f"{b} {sum(r[-1].values()):.1f}s" for b, r in results.items()),

@@ -101,9 +101,13 @@ def by_hand(image: str, node_image: str, workdir: Path) -> dict[str, float]:
 
 
 def with_kipik(image: str, node_image: str) -> dict[str, float]:
-    """The phases kipik reports in its progress lines."""
+    """The phases kipik reports in its progress lines (docker backend)."""
+    return phase_times(KipikConfig(image=image, node_image=node_image, timeout=600))
+
+
+def phase_times(config: KipikConfig) -> dict[str, float]:
+    """One cluster made and removed with ``config``; the phase times kipik reports."""
     lines: list[str] = []
-    config = KipikConfig(image=image, node_image=node_image, timeout=600)
     with ClusterFactory(config, report=lines.append) as factory:
         factory.create()
     times: dict[str, float] = {}
