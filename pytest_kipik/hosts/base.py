@@ -7,11 +7,14 @@ kubeconfig rewrite, readiness, progress, teardown) is shared by every backend.
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+import tarfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 from pytest_kipik.errors import HostError
 from pytest_kipik.image import inner_reference
@@ -108,11 +111,19 @@ class Host(Protocol):
         """Create or replace a file inside the host (parent directories are made)."""
         ...
 
+    def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
+        """Run ``argv`` inside the host (no shell) with the local file ``source`` as its stdin.
+
+        The file is streamed, never read into memory.
+        """
+        ...
+
     def load_image(self, image: str, timeout: float) -> str | None:
         """Move ``image`` from the engine where the test runs into the inner daemon.
 
         Returns the reference the inner daemon knows it by (a digest-pinned reference cannot be
         loaded as such, so it gets a tag), or None (and does nothing) when there is no local copy.
+        An image the inner daemon has already (same id) is not moved again.
         """
         ...
 
@@ -133,6 +144,14 @@ class Host(Protocol):
 
     def daemon_log(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the inner Docker daemon's log (never raises)."""
+        ...
+
+    def copy_out(self, path: str, dest: Path, timeout: float) -> Path:
+        """Copy the directory ``path`` inside the host to ``dest`` here (created; merged into).
+
+        Only regular files and directories come out, never a path outside ``dest``; bounded by
+        ``timeout`` seconds. Returns ``dest``; raises HostError when ``path`` cannot be read.
+        """
         ...
 
     def remove(self) -> None:
@@ -167,6 +186,12 @@ class Host(Protocol):
         ...
 
 
+def inner_image_id(host: Host, reference: str) -> str | None:
+    """The id the inner daemon knows ``reference`` (a name or an id) by, if it has it."""
+    found = host.exec(["docker", "image", "inspect", "--format", "{{.Id}}", reference], timeout=60)
+    return found.stdout.strip() if found.exit_code == 0 else None
+
+
 def tag_loaded(host: Host, image: str, image_id: str, loaded: CommandResult) -> str:
     """After ``docker load`` of ``image`` (by id) inside ``host``: tag it as kind will ask for it.
 
@@ -183,6 +208,63 @@ def tag_loaded(host: Host, image: str, image_id: str, loaded: CommandResult) -> 
         f"moving {image} into {host.name} failed: {loaded.stderr.strip()}\n"
         f"  inner daemon log:\n{host.daemon_log(20)}"
     )
+
+
+class ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (for streaming ``tarfile`` mode)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        """Always: this file is for reading."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` from the next chunks; 0 at the end."""
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def extract_tree(archive: BinaryIO, dest: Path, strip: int = 0) -> int:
+    """Extract a tar stream into ``dest`` safely; returns how many files were written.
+
+    ``strip`` leading path components are dropped (``.`` components never count). Only regular
+    files and directories are extracted; links, devices and fifos are skipped, and so is any
+    member whose path is absolute or would leave ``dest`` (``..``). Modes keep only the
+    permission bits of the owner (files come out 0600 or 0700, directories 0700).
+    """
+    root = dest.resolve()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    written = 0
+    with tarfile.open(fileobj=archive, mode="r|") as tar:
+        for member in tar:
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if member.name.startswith("/") or ".." in parts or len(parts) <= strip:
+                continue
+            target = root.joinpath(*parts[strip:])
+            if not target.resolve().is_relative_to(root):
+                continue  # through a directory that is a symlink already in dest
+            if member.isdir():
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif member.isfile():
+                source = tar.extractfile(member)
+                if source is None:
+                    continue
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with target.open("wb") as handle:
+                    shutil.copyfileobj(source, handle)
+                target.chmod(0o700 if member.mode & 0o100 else 0o600)
+                written += 1
+    return written
 
 
 class Backend(Protocol):

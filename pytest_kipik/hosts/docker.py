@@ -14,6 +14,7 @@ import socket
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlparse
 
@@ -30,7 +31,14 @@ from pytest_kipik.errors import (
     ImageError,
     NameClashError,
 )
-from pytest_kipik.hosts.base import Endpoint, OutputSink, Owned, inner_dockerd_args, tag_loaded
+from pytest_kipik.hosts.base import (
+    Endpoint,
+    OutputSink,
+    Owned,
+    inner_dockerd_args,
+    inner_image_id,
+    tag_loaded,
+)
 from pytest_kipik.image import ensure_default_image, inner_reference
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
@@ -469,12 +477,11 @@ class DockerHost:
         if not container.put_archive("/", buffer.getvalue()):
             raise HostError(f"could not write {path} into {self._name}")
 
-    def _inner_id(self, reference: str) -> str | None:
-        """The id the inner daemon knows ``reference`` by, if it has it."""
-        found = self.exec(
-            ["docker", "image", "inspect", "--format", "{{.Id}}", reference], timeout=60
-        )
-        return found.stdout.strip() if found.exit_code == 0 else None
+    def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
+        """Run ``argv`` in the DinD container with the file ``source`` streamed to its stdin."""
+        with source.open("rb") as handle:
+            chunks: Iterator[bytes] = iter(lambda: handle.read(_STREAM_CHUNK), b"")
+            return self.exec(argv, stdin=chunks, timeout=timeout)
 
     def load_image(self, image: str, timeout: float) -> str | None:
         """Stream ``image`` from the local engine into the inner daemon, then tag it there.
@@ -485,7 +492,7 @@ class DockerHost:
             local_id = str(self.client.images.get(image).id)
         except docker.errors.ImageNotFound:
             return None
-        if self._inner_id(inner_reference(image)) == local_id:
+        if inner_image_id(self, inner_reference(image)) == local_id:
             return inner_reference(image)
         found = image_stream(self.client, image)
         if found is None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +24,7 @@ import docker
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.stream import portforward, stream
+from kubernetes.stream import stream
 
 from pytest_kipik import kind, paths
 from pytest_kipik import labels as lbl
@@ -46,10 +44,13 @@ from pytest_kipik.hosts.base import (
     Owned,
     in_pod,
     inner_dockerd_args,
+    inner_image_id,
     tag_loaded,
 )
 from pytest_kipik.hosts.docker import engine_answers, image_stream
+from pytest_kipik.image import inner_reference
 from pytest_kipik.pod_manifest import CONTAINER, build_pod, load_template
+from pytest_kipik.portforward import PortForwarder, Target, streaming
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
 from pytest_kipik.waiting import NotYet, wait_until
@@ -117,101 +118,6 @@ def local_outer_addresses() -> dict[str, str]:
             "KUBERNETES_SERVICE_HOST", ""
         )
     return {k: v for k, v in found.items() if v}
-
-
-_FORWARD_OPENING = threading.Lock()
-
-
-def _open_forward(
-    core: k8s_client.CoreV1Api, pod: str, namespace: str, port: int
-) -> tuple[Any, threading.Thread | None]:
-    """A port-forward stream and the client's proxy thread serving it.
-
-    The client starts one thread per stream and does not expose it; opening streams one at a
-    time makes the new thread the one that appeared, so it can be waited for before its socket
-    is released (releasing it under a running proxy breaks that thread's read).
-    """
-    with _FORWARD_OPENING:
-        before = set(threading.enumerate())
-        forward = portforward(
-            core.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port)
-        )
-        started = [
-            t
-            for t in set(threading.enumerate()) - before
-            if t.name.startswith("Kubernetes port forward proxy")
-        ]
-    return forward, started[0] if len(started) == 1 else None
-
-
-class PortForwarder:
-    """``127.0.0.1:<free port>`` relayed to a pod port, one port-forward stream per connection.
-
-    Each accepted connection opens its own ``pods/portforward`` stream, so a dropped stream
-    costs only the connections in flight: the next connection gets a fresh one.
-    """
-
-    def __init__(self, backend: PodBackend, pod: str, namespace: str, port: int) -> None:
-        self.backend = backend
-        self.pod = pod
-        self.namespace = namespace
-        self.port = port
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.local_port = int(self._server.getsockname()[1])
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name=f"kipik-forward-{pod}", daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._open.add(conn)
-        forward: Any = None
-        proxy: threading.Thread | None = None
-        try:
-            with self.backend.streaming() as core:
-                forward, proxy = _open_forward(core, self.pod, self.namespace, self.port)
-                self._relay(conn, forward.socket(self.port))
-        except Exception:  # the client sees its connection close
-            pass
-        finally:
-            with self._lock:
-                self._open.discard(conn)
-            conn.close()
-            if forward is not None:
-                forward.close()  # the client's proxy thread ends once its local end is closed
-                if proxy is not None:
-                    proxy.join(timeout=10)
-                if proxy is None or not proxy.is_alive():
-                    # websocket-client keeps its TLS socket when the server closed first
-                    forward.websocket.shutdown()
-
-    def _relay(self, local: socket.socket, remote: Any) -> None:
-        peers = {local.fileno(): remote, remote.fileno(): local}
-        while not self._closed:
-            readable, _, _ = select.select([local, remote], [], [], 1.0)
-            for source in readable:
-                data = source.recv(_CHUNK)
-                if not data:
-                    return
-                peers[source.fileno()].sendall(data)
-
-    def close(self) -> None:
-        """Stop accepting and cut every open connection."""
-        self._closed = True
-        self._server.close()
-        with self._lock:
-            for conn in list(self._open):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
 
 
 class PodHost:
@@ -473,8 +379,9 @@ class PodHost:
         if self.backend.direct:
             return Endpoint(self.pod_ip, inner_port)
         if inner_port not in self._forwarders:
+            target = Target(self.namespace, self._name, inner_port)
             self._forwarders[inner_port] = PortForwarder(
-                self.backend, self._name, self.namespace, inner_port
+                self.backend.api.configuration, lambda: target, name=self._name
             )
         return Endpoint("127.0.0.1", self._forwarders[inner_port].local_port)
 
@@ -565,23 +472,34 @@ class PodHost:
         if result.exit_code != 0:
             raise HostError(f"could not write {path} into {self._name}: {result.stderr.strip()}")
 
+    def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
+        """Run ``argv`` in the DinD container, fed the file ``source`` through exec's stdin."""
+        size = source.stat().st_size
+        with source.open("rb") as handle:
+            chunks: Iterator[bytes] = iter(lambda: handle.read(_CHUNK), b"")
+            # the remote side reads exactly the file's size: older API servers cannot half-close
+            script = 'n=$1; shift; head -c "$n" | "$@"'
+            return self._exec(
+                ["sh", "-c", script, "sh", str(size), *argv], timeout=timeout, stdin=chunks
+            )
+
     def load_image(self, image: str, timeout: float) -> str | None:
         """Stream ``image`` from the local engine through exec into the inner daemon.
 
         The archive is spooled to a private temporary file first (never held in memory): its
         size must be known, because the remote side reads exactly that many bytes.
         """
+        local_id = self.backend.local_image_id(image)
+        if local_id is None:
+            return None
+        if inner_image_id(self, inner_reference(image)) == local_id:
+            return inner_reference(image)
         spooled = self.backend.spool_image(image)
         if spooled is None:
             return None
         image_id, path = spooled
         try:
-            size = path.stat().st_size
-            with path.open("rb") as handle:
-                chunks: Iterator[bytes] = iter(lambda: handle.read(_CHUNK), b"")
-                loaded = self._exec_with_input(
-                    'head -c "$1" | docker load --quiet', size, chunks, timeout
-                )
+            loaded = self.feed(["docker", "load", "--quiet"], path, timeout)
         finally:
             path.unlink(missing_ok=True)
         return tag_loaded(self, image, image_id, loaded)
@@ -668,19 +586,9 @@ class PodBackend:
         """``CoreV1Api`` of the outer cluster."""
         return k8s_client.CoreV1Api(self.api)
 
-    @contextlib.contextmanager
-    def streaming(self) -> Iterator[k8s_client.CoreV1Api]:
-        """A ``CoreV1Api`` on a client of its own, for one exec or port-forward stream.
-
-        The official client's ``stream``/``portforward`` swap the request method of the client
-        they are given for the duration of the call; on a client shared between threads that
-        sends other threads' plain requests down the WebSocket path (and can leave it there).
-        """
-        api = k8s_client.ApiClient(self.api.configuration)
-        try:
-            yield k8s_client.CoreV1Api(api)
-        finally:
-            api.close()
+    def streaming(self) -> contextlib.AbstractContextManager[k8s_client.CoreV1Api]:
+        """A ``CoreV1Api`` on a client of its own, for one exec stream (see :func:`streaming`)."""
+        return streaming(self.api.configuration)
 
     def connect(self) -> None:
         """Check that the outer API server answers, and find the pod kipik runs in."""
@@ -757,16 +665,32 @@ class PodBackend:
         """A DinD pod named ``name`` (not created yet)."""
         return PodHost(self, name=name, labels=labels, inner_ports=inner_ports)
 
+    def _local_engine(self) -> docker.DockerClient | None:
+        """The Docker engine where the test runs, if one answers (usually none inside a pod)."""
+        if self._docker is None and engine_answers():
+            self._docker = docker.from_env(timeout=600)
+        engine: docker.DockerClient | None = self._docker
+        return engine
+
+    def local_image_id(self, image: str) -> str | None:
+        """The id of ``image`` on the local engine; None without an engine or such an image."""
+        engine = self._local_engine()
+        if engine is None:
+            return None
+        try:
+            return str(engine.images.get(image).id)
+        except docker.errors.ImageNotFound:
+            return None
+
     def spool_image(self, image: str) -> tuple[str, Path] | None:
         """``docker save`` of a local image into a private temporary file, or None.
 
         Without a local Docker engine (the usual case inside a pod) there is nothing to move.
         """
-        if self._docker is None:
-            if not engine_answers():
-                return None
-            self._docker = docker.from_env(timeout=600)
-        found = image_stream(self._docker, image)
+        engine = self._local_engine()
+        if engine is None:
+            return None
+        found = image_stream(engine, image)
         if found is None:
             return None
         image_id, chunks = found

@@ -1,0 +1,166 @@
+"""A local TCP port relayed to a pod port through the official client's ``pods/portforward``.
+
+Both backends use it: the pod backend to reach the DinD pod's API server from outside the outer
+cluster, and :meth:`~pytest_kipik.NestedCluster.port_forward` to reach a pod or service inside
+a nested cluster. Every accepted connection opens a stream of its own, to a target resolved
+afresh, so a dropped stream (or a replaced pod) costs only the connections in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes.stream import portforward
+
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """One pod port: where a connection goes."""
+
+    namespace: str
+    pod: str
+    port: int
+
+
+#: Says where the next connection goes (called once per connection; may raise).
+Resolver = Callable[[], Target]
+
+
+@contextlib.contextmanager
+def streaming(configuration: k8s_client.Configuration) -> Iterator[k8s_client.CoreV1Api]:
+    """A ``CoreV1Api`` on a client of its own, for one exec or port-forward stream.
+
+    The official client's ``stream``/``portforward`` swap the request method of the client
+    they are given for the duration of the call; on a client shared between threads that
+    sends other threads' plain requests down the WebSocket path (and can leave it there).
+    """
+    api = k8s_client.ApiClient(configuration)
+    try:
+        yield k8s_client.CoreV1Api(api)
+    finally:
+        api.close()
+
+
+_FORWARD_OPENING = threading.Lock()
+
+
+def _open_forward(
+    core: k8s_client.CoreV1Api, target: Target
+) -> tuple[Any, threading.Thread | None]:
+    """A port-forward stream and the client's proxy thread serving it.
+
+    The client starts one thread per stream and does not expose it; opening streams one at a
+    time makes the new thread the one that appeared, so it can be waited for before its socket
+    is released (releasing it under a running proxy breaks that thread's read).
+    """
+    with _FORWARD_OPENING:
+        before = set(threading.enumerate())
+        forward = portforward(
+            core.connect_get_namespaced_pod_portforward,
+            target.pod,
+            target.namespace,
+            ports=str(target.port),
+        )
+        started = [
+            t
+            for t in set(threading.enumerate()) - before
+            if t.name.startswith("Kubernetes port forward proxy")
+        ]
+    return forward, started[0] if len(started) == 1 else None
+
+
+class PortForwarder:
+    """``127.0.0.1:<port>`` relayed to a pod port, one port-forward stream per connection.
+
+    ``configuration`` is the client configuration of the cluster the pod is in; ``resolve``
+    says, for each new connection, which pod and port it goes to. ``local_port`` 0 picks a free
+    port. A connection whose stream cannot be opened is closed (the client sees EOF); the
+    failure is kept in :attr:`last_error`.
+    """
+
+    def __init__(
+        self,
+        configuration: k8s_client.Configuration,
+        resolve: Resolver,
+        *,
+        name: str,
+        local_port: int = 0,
+    ) -> None:
+        self.configuration = configuration
+        self.resolve = resolve
+        self._server = socket.create_server(("127.0.0.1", local_port))
+        self.local_port = int(self._server.getsockname()[1])
+        self.last_error: Exception | None = None
+        self.connections = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._accept, name=f"kipik-forward-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._open.add(conn)
+        forward: Any = None
+        proxy: threading.Thread | None = None
+        try:
+            target = self.resolve()
+            with streaming(self.configuration) as core:
+                forward, proxy = _open_forward(core, target)
+                self._relay(conn, forward.socket(target.port))
+        except Exception as exc:  # the client sees its connection close
+            self.last_error = exc
+        finally:
+            with self._lock:
+                self._open.discard(conn)
+            conn.close()
+            if forward is not None:
+                forward.close()  # the client's proxy thread ends once its local end is closed
+                if proxy is not None:
+                    proxy.join(timeout=10)
+                if proxy is None or not proxy.is_alive():
+                    # websocket-client keeps its TLS socket when the server closed first
+                    forward.websocket.shutdown()
+
+    def _relay(self, local: socket.socket, remote: Any) -> None:
+        peers = {local.fileno(): remote, remote.fileno(): local}
+        while not self._closed:
+            readable, _, _ = select.select([local, remote], [], [], 1.0)
+            for source in readable:
+                data = source.recv(_CHUNK)
+                if not data:
+                    return
+                peers[source.fileno()].sendall(data)
+
+    def close(self) -> None:
+        """Stop accepting and cut every open connection; idempotent."""
+        self._closed = True
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        with self._lock:
+            for conn in list(self._open):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
