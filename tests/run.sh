@@ -15,17 +15,18 @@ step "Docker engine"
 bash tests/engine.sh
 
 # mmdebstrap builds the test images' root filesystems; docker-registry is a real local registry
-# for the test of digest-pinned node images (started on 127.0.0.1 by that test, never as a service)
-if ! command -v mmdebstrap >/dev/null || ! command -v docker-registry >/dev/null; then
+# for the test of digest-pinned node images (started on 127.0.0.1 by that test, never as a service);
+# busybox-static's /bin/busybox is the whole test app image (kipik-test/app:dev)
+if ! command -v mmdebstrap >/dev/null || ! command -v docker-registry >/dev/null || [[ ! -x /bin/busybox ]]; then
     if [[ $(id -u) == 0 ]]; then
-        step "installing mmdebstrap and docker-registry"
+        step "installing mmdebstrap, docker-registry and busybox-static"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap docker-registry >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap docker-registry busybox-static >/dev/null
         # Debian starts the registry as a service on :5000; the tests start their own
         if command -v systemctl >/dev/null; then systemctl disable --now docker-registry >/dev/null 2>&1 || :; fi
         pkill -x docker-registry || :
     else
-        echo "mmdebstrap or docker-registry is missing: sudo apt-get install mmdebstrap docker-registry" >&2
+        echo "mmdebstrap, docker-registry or busybox-static is missing: sudo apt-get install mmdebstrap docker-registry busybox-static" >&2
         exit 1
     fi
 fi

@@ -4,21 +4,25 @@
     python3 tests/images/build.py            # build what is missing or out of date
     python3 tests/images/build.py --force    # rebuild everything
 
-Two images come out of it, each starting from a Debian root filesystem made with mmdebstrap
-(from the machine's apt sources) and imported with `docker import`, because no base image can be
-pulled here:
+Three images come out of it. Two start from a Debian root filesystem made with mmdebstrap (from
+the machine's apt sources) and imported with `docker import`, because no base image can be pulled
+here; the third is built FROM scratch:
 
 - ``kipik-test/dind:dev``: the Docker-in-Docker image, started exactly like the default image in
   ``image/`` (same entrypoint, runc wrapper, volume, healthcheck and labels: the block
   between the ``kipik:common`` markers of ``image/Dockerfile`` is reused verbatim), with the kind
   test double from ``tests/doubles/kind/kind`` as ``/usr/local/bin/kind``.
 - ``kipik-test/node:dev``: the node-image double: ``tests/doubles/node/`` as ``/kipik-node/``.
+- ``kipik-test/app:dev``: a test app of a couple of MB for the node double's kubelet to run: the
+  host's static ``/bin/busybox`` (Debian's ``busybox-static``), its applet links, and an httpd
+  serving ``/www/index.html`` (``kipik app``) on port 8080.
 
 Everything is cached by content: a root filesystem is tagged ``kipik-test/rootfs-<name>:<hash of
 suite, variant, architecture, packages and options>`` and is built only when that tag is missing;
 a final image carries ``kipik-test.image-hash`` (over every input file, the Dockerfile text and
 the root filesystem tag) and is rebuilt only when that hash changes. Needs a Docker engine, and,
-when a root filesystem must be built, root and mmdebstrap (``apt-get install mmdebstrap``).
+when a root filesystem must be built, root and mmdebstrap (``apt-get install mmdebstrap``); the app
+image needs ``apt-get install busybox-static``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +108,10 @@ class ImageRecipe:
     """A final test image: a Dockerfile over a root filesystem, plus the files it copies."""
 
     tag: str
-    rootfs: Rootfs
+    rootfs: Rootfs | None  # None: FROM scratch
     dockerfile: str  # `{rootfs}` is replaced by the root filesystem's tag
     files: Mapping[str, Path]  # name in the build context -> file or folder to copy there
+    texts: Mapping[str, str] = field(default_factory=dict)  # name in the context -> content
 
     def render(self, rootfs_tag: str) -> str:
         """Dockerfile text for a given root filesystem tag."""
@@ -128,6 +133,8 @@ DIND_ROOTFS = Rootfs(
     ),
 )
 NODE_ROOTFS = Rootfs("node", ("python3", "openssl", "ca-certificates", "procps"))
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary, no libraries
+APP_INDEX = "kipik app\n"
 
 
 def common_dind_block(dockerfile: Path) -> str:
@@ -168,6 +175,19 @@ LABEL org.opencontainers.image.title="kipik-test-node" \\
 STOPSIGNAL SIGRTMIN+3
 ENTRYPOINT ["/kipik-node/entrypoint"]
 """
+    # The classic builder runs exec-form RUN without a shell, so the static busybox can make its
+    # own applet links in an image that has nothing else.
+    app = """\
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+COPY index.html /www/index.html
+LABEL org.opencontainers.image.title="kipik-test-app" \\
+      org.opencontainers.image.description="pytest-kipik test app (busybox httpd on 8080)" \\
+      kipik-test.image="app"
+EXPOSE 8080
+CMD ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
+"""
     return [
         ImageRecipe(
             tag="kipik-test/dind:dev",
@@ -184,6 +204,13 @@ ENTRYPOINT ["/kipik-node/entrypoint"]
             rootfs=NODE_ROOTFS,
             dockerfile=node,
             files={"node": doubles / "node"},
+        ),
+        ImageRecipe(
+            tag="kipik-test/app:dev",
+            rootfs=None,
+            dockerfile=app,
+            files={"busybox": BUSYBOX},
+            texts={"index.html": APP_INDEX},
         ),
     ]
 
@@ -238,8 +265,10 @@ def walk(source: Path) -> Iterator[tuple[str, Path]]:
 def input_hash(image: ImageRecipe, dockerfile_text: str, rootfs_tag: str) -> str:
     """Hash over every input file (name, mode and content), the Dockerfile and the rootfs tag."""
     digest = hashlib.sha256()
-    for field in (rootfs_tag, dockerfile_text):
-        digest.update(field.encode() + b"\0")
+    for text in (rootfs_tag, dockerfile_text):
+        digest.update(text.encode() + b"\0")
+    for name in sorted(image.texts):
+        digest.update(f"{name}\0".encode() + hashlib.sha256(image.texts[name].encode()).digest())
     for name in sorted(image.files):
         for relative, path in walk(image.files[name]):
             digest.update(f"{name}/{relative}\0".encode())
@@ -254,6 +283,11 @@ def input_hash(image: ImageRecipe, dockerfile_text: str, rootfs_tag: str) -> str
 def check_inputs(image: ImageRecipe) -> None:
     """Fail with the missing path when an input of the image does not exist."""
     for name, source in image.files.items():
+        if source == BUSYBOX and not source.exists():
+            raise BuildFailure(
+                f"{image.tag}: {BUSYBOX} is missing; the test app image is the static busybox "
+                "of Debian's busybox-static package: apt-get install busybox-static"
+            )
         if not source.exists():
             raise BuildFailure(f"{image.tag}: input '{name}' is missing: {source} does not exist")
     if image.rootfs is NODE_ROOTFS:
@@ -374,6 +408,8 @@ def build_image(
         context = Path(scratch)
         (context / "Dockerfile").write_text(dockerfile)
         copy_into(context, image.files)
+        for name, text in image.texts.items():
+            (context / name).write_text(text)
         log: list[str] = []
         stream: Iterator[dict[str, Any]] = client.api.build(
             path=str(context),
@@ -406,11 +442,14 @@ def remove_if_untagged(client: docker.DockerClient, old_id: str | None) -> None:
 def ensure(client: docker.DockerClient, image: ImageRecipe, arch: str, force: bool) -> None:
     """Bring one test image (and its root filesystem) up to date."""
     check_inputs(image)
-    rootfs_tag = image.rootfs.tag(arch)
-    if force or image_id(client, rootfs_tag) is None:
-        build_rootfs(client, image.rootfs, rootfs_tag, arch)
+    if image.rootfs is None:
+        rootfs_tag = "scratch"
     else:
-        say(f"{rootfs_tag}: present, kept")
+        rootfs_tag = image.rootfs.tag(arch)
+        if force or image_id(client, rootfs_tag) is None:
+            build_rootfs(client, image.rootfs, rootfs_tag, arch)
+        else:
+            say(f"{rootfs_tag}: present, kept")
     dockerfile = image.render(rootfs_tag)
     digest = input_hash(image, dockerfile, rootfs_tag)
     labels = image_labels(client, image.tag)
@@ -429,9 +468,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python3 tests/images/build.py",
         description=(
-            "Build kipik-test/dind:dev and kipik-test/node:dev, the images the test suite uses "
-            "on machines that cannot pull anything, from Debian root filesystems made with "
-            "mmdebstrap. Cached by content hash: unchanged images are kept."
+            "Build kipik-test/dind:dev, kipik-test/node:dev and kipik-test/app:dev, the images "
+            "the test suite uses on machines that cannot pull anything, from Debian root "
+            "filesystems made with mmdebstrap (the app image from the host's static busybox). "
+            "Cached by content hash: unchanged images are kept."
         ),
     )
     parser.add_argument(
