@@ -30,7 +30,8 @@ from kubernetes.stream import portforward, stream
 from kubernetes.stream.ws_client import WSClient
 from websocket import ABNF
 
-from tests.doubles.outer import DIND_IMAGE, OuterCluster, OuterClusterError, podspec
+from tests.doubles.node import podspec
+from tests.doubles.outer import DIND_IMAGE, OuterCluster, OuterClusterError
 from tests.doubles.outer import websocket as ws
 from tests.doubles.outer.kubelet import expand, normalize_image
 

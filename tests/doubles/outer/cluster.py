@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tests.doubles.node import podspec
 from tests.doubles.node.apiserver import (
     ApiError,
     json_merge_patch,
     json_patch,
     label_selector_matcher,
 )
-from tests.doubles.outer import podspec
 
 if TYPE_CHECKING:
     from tests.doubles.outer.kubelet import Kubelet

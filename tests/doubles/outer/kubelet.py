@@ -30,7 +30,7 @@ import docker
 import docker.errors
 import docker.types
 
-from tests.doubles.outer import podspec
+from tests.doubles.node import podspec
 from tests.doubles.outer.cluster import TOKEN_DIR, Cluster, now
 
 JSON = dict[str, Any]
