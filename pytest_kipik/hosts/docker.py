@@ -12,6 +12,7 @@ import io
 import os
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,9 +33,11 @@ from pytest_kipik.errors import (
     NameClashError,
 )
 from pytest_kipik.hosts.base import (
+    ChunkReader,
     Endpoint,
     OutputSink,
     Owned,
+    extract_tree,
     inner_dockerd_args,
     inner_image_id,
     tag_loaded,
@@ -512,6 +515,29 @@ class DockerHost:
         except docker.errors.DockerException:
             pass
         return self._container_output(lines)
+
+    def copy_out(self, path: str, dest: Path, timeout: float) -> Path:
+        """Copy the directory ``path`` out of the container (the engine's archive endpoint)."""
+        container = self._running()
+        where = f"{self._name}:{path}"
+        outcome: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                chunks, _stat = container.get_archive(path.rstrip("/") or "/")
+                reader = io.BufferedReader(ChunkReader(chunks))
+                outcome["files"] = extract_tree(reader, dest, strip=1)
+            except (docker.errors.DockerException, tarfile.TarError, OSError) as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=fetch, name="kipik-copy-out", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise HostError(f"copying {where} out did not finish within {timeout:.0f}s")
+        if "error" in outcome:
+            raise HostError(f"could not copy {where} out to {dest}: {outcome['error']}")
+        return dest
 
     def _container_output(self, lines: int = 50) -> str:
         try:

@@ -9,10 +9,13 @@ cluster it talks to the pod IP directly.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import socket
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,6 +45,7 @@ from pytest_kipik.hosts.base import (
     Endpoint,
     OutputSink,
     Owned,
+    extract_tree,
     in_pod,
     inner_dockerd_args,
     inner_image_id,
@@ -517,6 +521,29 @@ class PodHost:
             return text or "(no output)"
         except Exception as exc:  # a log is a courtesy, never a new failure
             return f"(pod output unavailable: {exc})"
+
+    def copy_out(self, path: str, dest: Path, timeout: float) -> Path:
+        """Copy the directory ``path`` out of the pod through exec.
+
+        The exec stream carries text, so the tar archive comes base64-encoded; it is made into a
+        file inside the pod first, so that a failing ``tar`` is seen in the exit code.
+        """
+        script = (
+            'tmp=$(mktemp) && tar -C "$1" -cf "$tmp" . && base64 "$tmp"; '
+            'code=$?; rm -f "$tmp"; exit $code'
+        )
+        result = self._exec(["sh", "-c", script, "sh", path], timeout=timeout)
+        if result.exit_code != 0:
+            raise HostError(
+                f"could not copy {self._name}:{path} out (exit code {result.exit_code}): "
+                f"{result.stderr.strip()}"
+            )
+        try:
+            archive = io.BytesIO(base64.b64decode(result.stdout))
+            extract_tree(archive, dest)
+        except (ValueError, tarfile.TarError, OSError) as exc:
+            raise HostError(f"could not copy {self._name}:{path} out to {dest}: {exc}") from None
+        return dest
 
 
 class PodBackend:
