@@ -1,4 +1,4 @@
-"""``python -m pytest_kipik gc``: the same as the ``kipik`` command."""
+"""``python -m pytest_kipik ...``: the same as the ``kipik`` command."""
 
 import sys
 

@@ -1,58 +1,539 @@
-"""The ``kipik`` command: ``kipik gc`` removes what crashed or expired sessions left behind."""
+"""The ``kipik`` command: nested clusters outside of pytest, with the plugin's settings.
+
+``kipik up`` makes a kept cluster and prints ``export KUBECONFIG=...``; ``ls``, ``shell``,
+``logs`` and ``down`` work on the clusters found on the backend by their ``kipik.io/`` labels;
+``gc`` removes what expired or lost its owner; ``doctor`` checks the machine. Every setting of
+:class:`~pytest_kipik.config.KipikConfig` is an option of every subcommand (``--image``,
+``--backend``, ``--ttl``...), generated from the one declaration in ``config.py``, and falls back
+to its ``KIPIK_*`` environment variable, then its default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import json
 import os
+import shutil
+import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pytest_kipik import reaper
-from pytest_kipik.config import resolve
-from pytest_kipik.errors import KipikError
+from pytest_kipik import doctor, kubeconfig, paths, reaper
+from pytest_kipik import labels as lbl
+from pytest_kipik.cluster import ClusterFactory
+from pytest_kipik.config import SETTINGS, KipikConfig, Setting, resolve
+from pytest_kipik.errors import ConfigError, KipikError
 from pytest_kipik.hosts import make_backend
+from pytest_kipik.hosts.base import Backend, Host, Owned
+from pytest_kipik.hosts.pod import PodBackend
+from pytest_kipik.kind import API_SERVER_PORT, KindDriver
+from pytest_kipik.logs import export_logs
+from pytest_kipik.portforward import PortForwarder, Target
+from pytest_kipik.process import log_command
+from pytest_kipik.progress import stderr_reporter
+from pytest_kipik.sharing import LEASE_PATH, Lease
+
+PROG = "kipik"
+#: Exit codes: a check or removal failed; a usage or configuration error.
+FAILED, USAGE = 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+class CommandFailed(KipikError):
+    """A subcommand cannot do what was asked (unknown cluster, ...): exit 1 with the message."""
+
+
+# -- options generated from the settings --------------------------------------------------------
+
+
+def option_name(spec: Setting) -> str:
+    """The ``kipik`` option of a setting: ``--node-image`` for ``node_image``."""
+    return "--" + spec.name.replace("_", "-")
+
+
+def _dest(spec: Setting) -> str:
+    return f"setting_{spec.name}"
+
+
+def settings_parser() -> argparse.ArgumentParser:
+    """A parent parser with one option per setting (no defaults: unset falls back to env)."""
+    parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for group_name in dict.fromkeys(s.group for s in SETTINGS):
+        title = "settings" if group_name == "kipik" else f"{group_name} backend settings"
+        group = parent.add_argument_group(
+            title, "each falls back to its KIPIK_* environment variable, then its default"
+        )
+        for spec in (s for s in SETTINGS if s.group == group_name):
+            shown = spec.default or "see above"
+            text = f"{spec.help} [env {spec.env}; default: {shown}]".replace("%", "%%")
+            if spec.flag:
+                group.add_argument(
+                    option_name(spec),
+                    action="store_const",
+                    const="true",
+                    default=None,
+                    dest=_dest(spec),
+                    help=text,
+                )
+            else:
+                group.add_argument(
+                    option_name(spec),
+                    default=None,
+                    metavar=spec.metavar,
+                    dest=_dest(spec),
+                    help=text,
+                )
+    return parent
+
+
+def config_from(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    *,
+    overrides: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> KipikConfig:
+    """Resolve the settings: options > ``overrides`` > ``KIPIK_*`` environment > defaults."""
+    given = {s.name: getattr(args, _dest(s), None) for s in SETTINGS}
+    for name, value in (overrides or {}).items():
+        given[name] = value
+    where = cwd or Path.cwd()
+    return resolve(given, {}, environ, cwd=where, ini_dir=where)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kipik`` parser: every subcommand with every setting and its own ``--help``."""
     parser = argparse.ArgumentParser(
-        prog="kipik", description="pytest-kipik's nested clusters outside of pytest"
+        prog=PROG,
+        description="pytest-kipik's nested Kubernetes clusters (kind in Docker-in-Docker) "
+        "outside of pytest, with the plugin's settings.",
+        allow_abbrev=False,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    gc = commands.add_parser(
+    common = [settings_parser()]
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=description, parents=common, allow_abbrev=False
+        )
+
+    up = add(
+        "up",
+        "create a kept cluster and print `export KUBECONFIG=...`",
+        "Create a nested cluster that outlives this command (kept: the kipik.io/keep label, "
+        "removed by `kipik down NAME`, or by `kipik gc` once its ttl is over). Progress goes to "
+        "stderr; stdout gets only `export KUBECONFIG=<path>`, e.g. "
+        '`eval "$(kipik up)"`. The kubeconfig lives in the per-user state directory (0600).',
+    )
+    up.add_argument("--name", help="cluster name (default: <name-prefix>-<random id>)")
+    up.add_argument(
+        "--nodes", type=int, help="1 control plane + NODES-1 workers (default: kind's: one)"
+    )
+    down = add(
+        "down",
+        "remove kept clusters",
+        "Remove the DinD host (container and volumes, or pod) of each named cluster and its "
+        "kubeconfig directory. Only resources with kipik.io/ labels are touched; a cluster of "
+        "a running pytest session is refused unless --force.",
+    )
+    down.add_argument("names", nargs="+", metavar="NAME", help="cluster name (see `kipik ls`)")
+    down.add_argument("--force", action="store_true", help="also a running session's cluster")
+    ls = add(
+        "ls",
+        "list kipik clusters on the backend",
+        "List the clusters kipik made on the backend (by their kipik.io/ labels): name, "
+        "backend, status, kind (kept, reused, warm or session), created, expires and the "
+        "kubeconfig, when this user has one.",
+    )
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    gc = add(
         "gc",
-        help="remove kipik resources that are expired or whose owner is gone",
-        description="Remove the containers and volumes (or pods) pytest-kipik made that are "
-        "past their expiry (kipik.io/expires-at, or the lease of kept, reused and warm hosts) "
-        "or whose owner is gone (a dead pid on this machine, a deleted owner pod). Resources "
-        "of live sessions and anything without kipik.io/ labels are never touched. The "
-        "backend and its settings come from the KIPIK_* environment variables.",
+        "remove kipik resources that are expired or whose owner is gone",
+        "Remove the containers and volumes (or pods) pytest-kipik made that are past their "
+        "expiry (kipik.io/expires-at, or the lease of kept, reused and warm hosts) or whose "
+        "owner is gone (a dead pid on this machine, a deleted owner pod). Resources of live "
+        "sessions and anything without kipik.io/ labels are never touched.",
     )
     gc.add_argument(
         "--dry-run", action="store_true", help="list what would be removed, remove nothing"
     )
-    gc.add_argument(
-        "--backend",
-        choices=("auto", "docker", "pod"),
-        help="where to look (default: KIPIK_BACKEND, else auto)",
+    shell = add(
+        "shell",
+        "a shell (or CMD) with KUBECONFIG set to a cluster's kubeconfig",
+        "Run $SHELL (or CMD after --) with KUBECONFIG set to the cluster's kubeconfig and "
+        "KIPIK_CLUSTER to its name; exits with its exit code. On the pod backend outside the "
+        "outer cluster a port-forward is held open while it runs (with a temporary kubeconfig "
+        "pointing at it, removed afterwards).",
     )
+    shell.add_argument("name", metavar="NAME", help="cluster name (see `kipik ls`)")
+    shell.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run instead"
+    )
+    logs = add(
+        "logs",
+        "export a cluster's logs into a directory",
+        "Write `kind export logs` of the cluster and the DinD's Docker daemon log "
+        "(dind-daemon.log) to DIR/<cluster>/.",
+    )
+    logs.add_argument("name", metavar="NAME", help="cluster name (see `kipik ls`)")
+    logs.add_argument("directory", metavar="DIR", type=Path, help="where the logs go")
+    check = add(
+        "doctor",
+        "check that this machine can run nested clusters",
+        "Check the engine, privileged containers, cgroups, /lib/modules, inotify limits, free "
+        "disk and subnet overlaps (docker backend), or the outer API server, RBAC and subnets "
+        "(pod backend). One line per check: ok / warn / fail, with the fix. Exit code 0 when "
+        "no check failed, else 1.",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of lines")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``kipik``; returns the exit status (1 when a removal failed, 2 on a usage error)."""
-    args = _parser().parse_args(argv)
-    cli = {"backend": args.backend} if args.backend else {}
+# -- clusters on the backend ----------------------------------------------------------------
+
+
+@dataclass
+class FoundCluster:
+    """The resources of one cluster (by its ``kipik.io/cluster`` label) on a backend."""
+
+    name: str
+    resources: list[Owned] = field(default_factory=list)
+
+    @property
+    def host(self) -> Owned | None:
+        """The DinD container or pod (not a volume)."""
+        return next((r for r in self.resources if r.kind != "volume"), None)
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        """The labels of the host (else of any resource)."""
+        first = self.host or self.resources[0]
+        return first.labels
+
+    @property
+    def kind(self) -> str:
+        """``kept``, ``reused``, ``warm`` or ``session``."""
+        found = self.labels
+        if found.get(lbl.KEEP):
+            return "kept"
+        if found.get(lbl.REUSE_KEY):
+            return "reused"
+        if found.get(lbl.WARM_SLOT):
+            return "warm"
+        return "session"
+
+
+def kubeconfig_of(name: str) -> Path:
+    """Where a kept (or reused) cluster's kubeconfig lives for this user."""
+    return paths.state_home() / "clusters" / name / "kubeconfig"
+
+
+def find_clusters(backend: Backend) -> dict[str, FoundCluster]:
+    """The clusters on the backend, by name (resources without a cluster label by their own)."""
+    found: dict[str, FoundCluster] = {}
+    for resource in backend.list_owned():
+        name = resource.labels.get(lbl.CLUSTER) or resource.name
+        found.setdefault(name, FoundCluster(name)).resources.append(resource)
+    return found
+
+
+def find_cluster(backend: Backend, name: str) -> FoundCluster:
+    """One cluster by its name or its host's name; CommandFailed when there is none."""
+    clusters = find_clusters(backend)
+    if name in clusters:
+        return clusters[name]
+    for cluster in clusters.values():
+        if any(r.name == name for r in cluster.resources if r.kind != "volume"):
+            return cluster
+    known = ", ".join(sorted(clusters)) or "none"
+    raise CommandFailed(
+        f"no kipik cluster named {name!r} on the {backend.name} backend ({backend.describe()}); "
+        f"clusters there: {known}"
+    )
+
+
+def _attached(backend: Backend, cluster: FoundCluster) -> Host | None:
+    """The cluster's running host, adopted (None: stopped or gone)."""
+    owned = cluster.host
+    if owned is None:
+        return None
+    host = backend.make_host(owned.name, owned.labels, [API_SERVER_PORT])
     try:
-        config = resolve(cli, {}, os.environ, cwd=Path.cwd(), ini_dir=Path.cwd())
-        backend = make_backend(config, lambda line: print(line, file=sys.stderr))
-        try:
-            problems = reaper.reap(
-                backend, lambda line: print(line, flush=True), dry_run=args.dry_run
+        return host if host.attach() else None
+    except KipikError:
+        return None
+
+
+def _shown_time(text: str | None) -> str:
+    try:
+        return lbl.parse_timestamp(text or "").strftime("%Y-%m-%d %H:%M:%SZ")
+    except ValueError:
+        return "-"
+
+
+def describe_cluster(backend: Backend, cluster: FoundCluster) -> dict[str, Any]:
+    """One row of ``kipik ls``."""
+    host = _attached(backend, cluster)
+    expires = cluster.labels.get(lbl.EXPIRES_AT)
+    if host is not None and cluster.kind in ("reused", "warm"):  # their lease is inside
+        with contextlib.suppress(KipikError, OSError):
+            result = host.exec(["cat", LEASE_PATH], timeout=15)
+            lease = Lease.parse(result.stdout) if result.exit_code == 0 else None
+            expires = lease.expires_at if lease is not None else expires
+    config = kubeconfig_of(cluster.name)
+    return {
+        "name": cluster.name,
+        "backend": backend.name,
+        "host": cluster.host.name if cluster.host else "-",
+        "status": "running" if host is not None else ("stopped" if cluster.host else "gone"),
+        "kind": cluster.kind,
+        "created": _shown_time(cluster.labels.get(lbl.CREATED_AT)),
+        "expires": _shown_time(expires),
+        "kubeconfig": str(config) if config.is_file() else None,
+    }
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain text table with a header (``-`` for missing values)."""
+    cells = [[c.upper() for c in columns]]
+    cells += [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def remove_cluster(backend: Backend, cluster: FoundCluster) -> list[str]:
+    """Remove a cluster's resources (host first) and its state files; returns what went."""
+    removed = []
+    for resource in sorted(cluster.resources, key=lambda r: r.kind == "volume"):
+        if lbl.RUN_ID not in resource.labels:  # list_owned only lists kipik's; never others
+            continue
+        backend.remove_owned(resource)
+        removed.append(str(resource))
+    shutil.rmtree(kubeconfig_of(cluster.name).parent, ignore_errors=True)
+    key = cluster.labels.get(lbl.REUSE_KEY)
+    if key:
+        (paths.state_home() / "reuse" / f"{key}.json").unlink(missing_ok=True)
+    return removed
+
+
+# -- subcommands ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _backend(config: KipikConfig) -> Iterator[Backend]:
+    backend = make_backend(config, stderr_reporter)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Create a kept cluster; stdout: ``export KUBECONFIG=...``."""
+    factory = ClusterFactory(config, report=stderr_reporter)
+    name = args.name or lbl.cluster_name(config.name_prefix, factory.run_id, None, 1)
+    try:
+        cluster = factory.create(name, nodes=args.nodes)
+    except BaseException:
+        _undo_up(factory.backend, name)
+        factory.close()
+        raise
+    cluster.close()  # kept: only its client is closed
+    factory.clusters.remove(cluster)
+    outside_pod = isinstance(factory.backend, PodBackend) and not factory.backend.direct
+    factory.close()
+    print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)
+    lines = [
+        f"kipik: cluster {name} is up (kept for {_duration(config.ttl)}; "
+        "`kipik gc` removes it after that)",
+        f"  a shell:   kipik shell {name}",
+        f"  remove it: kipik down {name}",
+    ]
+    if outside_pod:
+        lines.append(
+            "  its kubeconfig names a port-forward that ended with this command: use "
+            f"`kipik shell {name}`, which holds one open"
+        )
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def _undo_up(backend: Backend, name: str) -> None:
+    """Remove what a failed ``up`` made (kept clusters are not undone by the factory)."""
+    try:
+        cluster = find_clusters(backend).get(name)
+        if cluster is not None:
+            remove_cluster(backend, cluster)
+            stderr_reporter(f"kipik {name}: removed after the failure")
+    except Exception as exc:  # the error that got us here wins
+        stderr_reporter(f"kipik {name}: could not remove it after the failure: {exc}")
+
+
+def cmd_down(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Remove the named clusters."""
+    with _backend(config) as backend:
+        found = [find_cluster(backend, name) for name in args.names]  # all known, or nothing
+        for cluster in found:
+            verdict = reaper.judge(
+                cluster.labels,
+                lease=None,
+                now=dt.datetime.now(dt.timezone.utc),
+                host=reaper.this_host(),
+                alive=reaper.pid_alive,
             )
-        finally:
-            backend.close()
+            alive = verdict is not None and verdict.reason.startswith("its session is alive")
+            if verdict is not None and alive and not lbl.leased(cluster.labels) and not args.force:
+                raise CommandFailed(
+                    f"{cluster.name} belongs to a running pytest session ({verdict.reason}); "
+                    "it removes the cluster itself. Use --force to remove it anyway."
+                )
+        for cluster in found:
+            for line in remove_cluster(backend, cluster):
+                print(f"removed {line}", flush=True)
+            print(f"kipik: cluster {cluster.name} removed", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, config: KipikConfig) -> int:
+    """List the clusters on the backend."""
+    with _backend(config) as backend:
+        clusters = find_clusters(backend)
+        rows = [describe_cluster(backend, c) for _, c in sorted(clusters.items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        columns = ["name", "backend", "status", "kind", "created", "expires", "kubeconfig"]
+        print(table(rows, columns))
+    else:
+        print(f"no kipik clusters on the {config.backend} backend", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Remove expired and orphaned resources."""
+    with _backend(config) as backend:
+        problems = reaper.reap(backend, lambda line: print(line, flush=True), dry_run=args.dry_run)
+    return FAILED if problems else 0
+
+
+@contextlib.contextmanager
+def _reachable_kubeconfig(backend: Backend, cluster: FoundCluster) -> Iterator[Path]:
+    """The cluster's kubeconfig, or a temporary one through a port-forward held meanwhile."""
+    path = kubeconfig_of(cluster.name)
+    if not path.is_file():
+        raise CommandFailed(
+            f"no kubeconfig for {cluster.name} at {path}: only clusters made by `kipik up` or "
+            "--kipik-keep/--kipik-reuse as this user have one"
+        )
+    host = _attached(backend, cluster)
+    if host is None:
+        raise CommandFailed(f"the host of {cluster.name} is not running")
+    if not isinstance(backend, PodBackend) or backend.direct:
+        yield path
+        return
+    owned = cluster.host
+    assert owned is not None  # attached
+    target = Target(backend.namespace, owned.name, API_SERVER_PORT)
+    forwarder = PortForwarder(backend.api.configuration, lambda: target, name=owned.name)
+    directory = Path(tempfile.mkdtemp(prefix="kipik-shell-"))  # 0700
+    try:
+        raw = kubeconfig.parse(path.read_text(encoding="utf-8"))
+        url = f"https://127.0.0.1:{forwarder.local_port}"
+        yield kubeconfig.write_private(
+            directory / "kubeconfig", kubeconfig.dump(kubeconfig.with_server(raw, url))
+        )
+    finally:
+        forwarder.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def cmd_shell(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Run ``$SHELL`` or CMD with KUBECONFIG set; its exit code."""
+    argv = list(args.cmd)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        argv = [os.environ.get("SHELL") or "/bin/sh"]
+    with _backend(config) as backend:
+        cluster = find_cluster(backend, args.name)
+        with _reachable_kubeconfig(backend, cluster) as path:
+            env = {**os.environ, "KUBECONFIG": str(path), "KIPIK_CLUSTER": cluster.name}
+            log_command(argv)
+            # interactive: the shell gets this terminal (not process.run, which captures)
+            try:
+                done = subprocess.run(argv, env=env, check=False)
+            except FileNotFoundError:
+                raise CommandFailed(f"{argv[0]!r} was not found on PATH") from None
+    return done.returncode
+
+
+def cmd_logs(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Export the cluster's logs to DIR/<cluster>/."""
+    with _backend(config) as backend:
+        cluster = find_cluster(backend, args.name)
+        host = _attached(backend, cluster)
+        if host is None:
+            raise CommandFailed(f"the host of {cluster.name} is not running: no logs to export")
+        inner = KindDriver(host).clusters()
+        names = [cluster.name] if cluster.name in inner else inner  # a warm host's clusters
+        if not names:
+            raise CommandFailed(f"{cluster.name}'s host has no kind cluster (yet)")
+        for name in names:
+            written = export_logs(host, name, args.directory, config.timeout)
+            print(written, flush=True)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Run the preflight checks."""
+    _backend_name, results = doctor.run_checks(config)
+    print(doctor.render(results, as_json=args.json), flush=True)
+    return 0 if doctor.passed(results) else FAILED
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "ls": cmd_ls,
+    "gc": cmd_gc,
+    "shell": cmd_shell,
+    "logs": cmd_logs,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kipik``; the exit status (1: a command failed, 2: a usage or settings error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {"keep": "true"} if args.command == "up" else {}
+    try:
+        config = config_from(args, os.environ, overrides=overrides)
+    except ConfigError as exc:
+        parser.exit(USAGE, f"{PROG} {args.command}: {exc}\n")
+    try:
+        return COMMANDS[args.command](args, config)
+    except ConfigError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return USAGE
     except KipikError as exc:
-        print(f"kipik gc: {exc}", file=sys.stderr)
-        return 2
-    return 1 if problems else 0
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return USAGE if args.command == "gc" else FAILED
+    except KeyboardInterrupt:
+        return 130
