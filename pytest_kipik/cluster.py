@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,12 +19,16 @@ from urllib.parse import urlsplit
 
 from filelock import FileLock
 from kubernetes import client as k8s_client
+from kubernetes.client.exceptions import ApiException
 
 from pytest_kipik import kind, kubeconfig, labels, paths, readiness, sharing
 from pytest_kipik.config import KipikConfig
-from pytest_kipik.errors import ConfigError, KipikError
+from pytest_kipik.errors import ConfigError, ImageError, KipikError
 from pytest_kipik.hosts import make_backend
-from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod
+from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod, inner_image_id
+from pytest_kipik.image import archive_images, inner_reference
+from pytest_kipik.manifests import Manifests, Predicate, Source
+from pytest_kipik.portforward import PortForwarder, forward_resolver
 from pytest_kipik.process import CommandResult, run
 from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
 from pytest_kipik.sharing import LEASE_PATH, Lease, Record, Session
@@ -60,6 +66,9 @@ class NestedCluster:
         #: ``created``, ``attached`` (another worker's), ``reused`` (an earlier run's) or ``warm``.
         self.status = status
         self.hold = hold
+        #: The clusters sharing this one's host (see :meth:`ClusterFactory.create_connected`).
+        self.share: HostShare | None = None
+        self._forwards: list[PortForwarder] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -75,18 +84,177 @@ class NestedCluster:
         """``CoreV1Api`` on :attr:`api_client`."""
         return k8s_client.CoreV1Api(self.api_client)
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> CommandResult:
-        """Run the local ``kubectl`` against this cluster and capture its output."""
-        if shutil.which("kubectl") is None:
+    @cached_property
+    def manifests(self) -> Manifests:
+        """Apply/delete/wait through a DynamicClient (discovery cached in a private file)."""
+        cache = self.kubeconfig_path.parent / f".discovery-{os.getpid()}.json"
+        return Manifests(self.api_client, cache)
+
+    def _tool(self, tool: str, args: Sequence[str], check: bool, timeout: float) -> CommandResult:
+        if shutil.which(tool) is None:
             raise KipikError(
-                "kubectl is not installed (not on PATH); install it to use cluster.kubectl(), "
-                "or use cluster.api_client / cluster.core_v1"
+                f"{tool} is not installed (not on PATH); install it to use cluster.{tool}(), "
+                "or use cluster.apply() / cluster.api_client"
             )
         return run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig_path), *args],
-            timeout=timeout,
-            check=check,
+            [tool, "--kubeconfig", str(self.kubeconfig_path), *args], timeout=timeout, check=check
         )
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> CommandResult:
+        """Run the local ``kubectl`` against this cluster and capture its output."""
+        return self._tool("kubectl", args, check, timeout)
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 600) -> CommandResult:
+        """Run the local ``helm`` against this cluster and capture its output."""
+        return self._tool("helm", args, check, timeout)
+
+    def apply(
+        self,
+        source: Source,
+        *,
+        namespace: str | None = None,
+        server_side: bool = True,
+        timeout: float = 60,
+    ) -> list[dict[str, Any]]:
+        """Apply objects: a dict, YAML text (several documents), a file, a folder, or a list.
+
+        Namespaces and CRDs go first and each CRD is awaited until established, so custom
+        resources can come in the same call. Server-side apply (field manager
+        ``pytest-kipik``), or create-or-replace with ``server_side=False``. ``namespace`` is
+        for namespaced objects that name none. Returns the objects as the API stored them.
+        """
+        return self.manifests.apply(
+            source, namespace=namespace, server_side=server_side, timeout=timeout
+        )
+
+    def delete(
+        self,
+        source: Source,
+        *,
+        namespace: str | None = None,
+        wait: bool = False,
+        timeout: float = 60,
+    ) -> list[str]:
+        """Delete the objects of ``source`` (as for :meth:`apply`); missing ones are skipped.
+
+        ``wait``: until each is gone. Returns what was deleted.
+        """
+        return self.manifests.delete(source, namespace=namespace, wait=wait, timeout=timeout)
+
+    def wait_for(
+        self,
+        kind: str,
+        name: str,
+        namespace: str | None = None,
+        condition: str | Predicate | None = None,
+        timeout: float = 60,
+        *,
+        api_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Wait until an object exists and ``condition`` holds; returns it (a dict).
+
+        ``kind``: ``Deployment``, ``deployments``, ``deploy`` or ``deployments.apps``.
+        ``condition``: a status condition (``"Available"``, ``"Ready=False"``), ``"deleted"``,
+        or a function of the object. A timeout error shows the last state seen.
+        """
+        return self.manifests.wait_for(
+            kind, name, namespace, condition, timeout, api_version=api_version
+        )
+
+    @contextlib.contextmanager
+    def port_forward(
+        self, target: str, remote_port: int, *, namespace: str = "default", local_port: int = 0
+    ) -> Iterator[PortForwarder]:
+        """``127.0.0.1:<local_port>`` forwarded to a pod or service port in this cluster.
+
+        ``target``: ``pod/NAME``, ``svc/NAME`` (its port ``remote_port``, forwarded to the
+        targetPort of a running pod behind it, as kubectl does) or ``deployment/NAME``. Every
+        connection opens its own port-forward stream and picks the pod again, so many
+        connections work at once and a dropped stream or a replaced pod costs only the
+        connections in flight. Yields the forwarder (``.local_port``); closed on leaving.
+        """
+        resolve = forward_resolver(self.api_client, namespace, target, remote_port)
+        try:
+            resolve()  # a wrong name or port fails here, not on the first connection
+        except (ApiException, ValueError, KipikError) as exc:
+            raise KipikError(
+                f"cannot port-forward to {target} in {namespace}: {_why(exc)}"
+            ) from None
+        forward = PortForwarder(
+            self.api_client.configuration,
+            resolve,
+            name=f"{self.name}-{target}",
+            local_port=local_port,
+        )
+        self._forwards.append(forward)
+        try:
+            yield forward
+        finally:
+            forward.close()
+            self._forwards.remove(forward)
+
+    def load_image(self, *images: str | os.PathLike[str], timeout: float = 600) -> list[ImageLoad]:
+        """Load images into every node of this cluster, without a registry.
+
+        Each is a name on the engine where the test runs, or the path of a ``docker save`` /
+        OCI archive. What the host has already (same id) is not moved again, and kind skips
+        nodes that have it. Returns what happened to each image.
+        """
+        deadline = time.monotonic() + timeout
+        loads: list[ImageLoad] = []
+        for image in images:
+            left = max(deadline - time.monotonic(), 1.0)
+            if isinstance(image, os.PathLike) or os.path.isfile(image):
+                loads += self._load_archive(Path(image), left)
+            else:
+                loads.append(self._load_engine_image(str(image), left))
+        references = list(dict.fromkeys(load.reference for load in loads))
+        nodes = kind.KindDriver(self.host).load(
+            self.name, references, timeout=max(deadline - time.monotonic(), 1.0)
+        )
+        return [dataclasses.replace(load, nodes=tuple(nodes)) for load in loads]
+
+    def _load_engine_image(self, image: str, timeout: float) -> ImageLoad:
+        before = inner_image_id(self.host, inner_reference(image))
+        reference = self.host.load_image(image, timeout)
+        if reference is None:
+            raise ImageError(
+                f"cannot load {image}: the Docker engine where the test runs does not have it "
+                "(docker pull or docker build it first, or give a docker save archive's path)"
+            )
+        after = inner_image_id(self.host, reference)
+        return ImageLoad(image, reference, moved=before is None or before != after)
+
+    def _load_archive(self, path: Path, timeout: float) -> list[ImageLoad]:
+        found = archive_images(path)
+        untagged = [i.id for i in found if not i.tags]
+        if untagged or not found:
+            raise ImageError(
+                f"{path}: images without a name cannot be used by pods ({', '.join(untagged)}); "
+                "save them by name: docker save NAME:TAG -o FILE.tar"
+            )
+        missing = [i for i in found if inner_image_id(self.host, i.id) != i.id]
+        if missing:
+            loaded = self.host.feed(["docker", "load"], path, timeout)
+            if loaded.exit_code != 0:
+                raise ImageError(
+                    f"loading {path} into {self.host.name} failed: {loaded.stderr.strip()}"
+                )
+        return [
+            ImageLoad(str(path), tag, moved=bool(missing)) for image in found for tag in image.tags
+        ]
+
+    def internal_kubeconfig(self) -> Path:
+        """A kubeconfig valid inside the clusters that share this one's host (0600).
+
+        Its server is the control-plane container's name on the host's ``kind`` network
+        (kind's ``--internal`` kubeconfig); the API server certificate carries that name.
+        """
+        path = self.kubeconfig_path.parent / "kubeconfig-internal"
+        if not path.exists():
+            raw = kind.KindDriver(self.host).kubeconfig(self.name, internal=True)
+            kubeconfig.write_private(path, kubeconfig.dump(kubeconfig.parse(raw)))
+        return path
 
     def how_to_reach(self) -> str:
         """What to paste to use and to remove a kept cluster."""
@@ -97,7 +265,11 @@ class NestedCluster:
         )
 
     def close_client(self) -> None:
-        """Close :attr:`api_client` if it was made (its connection pool and threads)."""
+        """Close port-forwards and :attr:`api_client` if they were made."""
+        for forward in list(self._forwards):
+            forward.close()
+        if "manifests" in self.__dict__:
+            self.manifests.close()
         if "api_client" in self.__dict__:
             self.api_client.close()
 
@@ -110,8 +282,13 @@ class NestedCluster:
             return
         self.close_client()
         if self.owned and not self.keep:
-            self.host.remove()
+            if self.share is None or self.share.last(self.name):
+                self.host.remove()
+            elif not self.share.dissolving:  # the others keep the host
+                kind.KindDriver(self.host).delete(self.name)
             shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
+            if self.share is not None:
+                self.share.leave(self.name)
         if self.hold is not None:
             self.hold.release()
             self.hold = None
@@ -122,6 +299,45 @@ class NestedCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class ImageLoad:
+    """What :meth:`NestedCluster.load_image` did with one image."""
+
+    image: str
+    #: The name the nodes know it by.
+    reference: str
+    #: Whether bytes went into the host (False: the host had this very image already).
+    moved: bool
+    #: The nodes kind loaded it into (empty: every node had it).
+    nodes: tuple[str, ...] = ()
+
+
+class HostShare:
+    """The clusters living in one host: the last one to go removes the host."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._names = set(names)
+        self._lock = threading.Lock()
+        #: Set when every cluster of the host goes (the session ends): no one-by-one deletes.
+        self.dissolving = False
+
+    def last(self, name: str) -> bool:
+        """Whether ``name`` is the only cluster left in the host."""
+        with self._lock:
+            return self._names <= {name}
+
+    def leave(self, name: str) -> None:
+        """``name`` is gone from the host."""
+        with self._lock:
+            self._names.discard(name)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return str(exc)
 
 
 @dataclass(frozen=True)
@@ -200,7 +416,7 @@ class ClusterFactory:
             raise ConfigError(f"a cluster named {name!r} already exists in this session")
         return name
 
-    def _make_host(self, name: str, plan: _Plan) -> Host:
+    def _make_host(self, name: str, plan: _Plan, ports: Sequence[int]) -> Host:
         found = labels.owner_labels(
             run_id=self.run_id,
             cluster=name,
@@ -215,7 +431,7 @@ class ClusterFactory:
         )
         host_name = plan.host_name or f"{name}-dind"
         self._host_labels[host_name] = found
-        return self.backend.make_host(host_name, found, [kind.API_SERVER_PORT])
+        return self.backend.make_host(host_name, found, ports)
 
     def _kubeconfig_dir(self, name: str) -> Path:
         if self.config.keep:  # outlives pytest's basetemp, which pytest prunes after 3 runs
@@ -256,6 +472,38 @@ class ClusterFactory:
         cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=_Plan())
         self.clusters.append(cluster)
         return cluster
+
+    def create_connected(
+        self,
+        count: int = 2,
+        *,
+        names: Sequence[str] | None = None,
+        nodes: int | None = None,
+        kind_config: Path | str | Mapping[str, Any] | None = None,
+        node_image: str | None = None,
+    ) -> list[NestedCluster]:
+        """Several ready clusters in one DinD host, made at the same time, that reach each other.
+
+        They share the host's ``kind`` network: each reaches the others' API servers (with
+        :meth:`NestedCluster.internal_kubeconfig`) and NodePorts (``<name>-control-plane:PORT``),
+        and the node image moves into the host once. ``names`` (default: generated) or
+        ``count``; the other arguments as for :meth:`create`, for every cluster.
+        """
+        wanted = list(names) if names is not None else [None] * count
+        if len(wanted) < 1:
+            raise ConfigError("create_connected needs at least one cluster")
+        chosen = [self._next_name(n) for n in wanted]
+        if len(set(chosen)) != len(chosen):
+            raise ConfigError(f"create_connected got the same name twice: {chosen}")
+        user_config = self._user_kind_config(kind_config)
+        self._build_config(user_config, chosen[0], [], nodes, {})  # fail before anything starts
+        image = node_image or self.config.node_image
+        deadline = time.monotonic() + self.config.timeout * (1 + 0.5 * (len(chosen) - 1))
+        clusters = self._provision_many(
+            chosen, user_config, nodes, image, deadline=deadline, plan=_Plan()
+        )
+        self.clusters.extend(clusters)
+        return clusters
 
     # -- sharing ---------------------------------------------------------------------------
 
@@ -473,6 +721,8 @@ class ClusterFactory:
         cert_sans: list[str],
         nodes: int | None,
         images: Mapping[str, str],
+        *,
+        port: int = kind.API_SERVER_PORT,
     ) -> dict[str, Any]:
         return kind.build_config(
             user_config,
@@ -482,6 +732,7 @@ class ClusterFactory:
             pod_subnet=self.config.pod_subnet,
             service_subnet=self.config.service_subnet,
             images=images,
+            api_server_port=port,
         )
 
     def _kind_output(self, name: str) -> OutputSink:
@@ -502,35 +753,53 @@ class ClusterFactory:
         deadline: float,
         plan: _Plan,
     ) -> NestedCluster:
+        return self._provision_many(
+            [name], user_config, nodes, node_image, deadline=deadline, plan=plan
+        )[0]
+
+    def _provision_many(
+        self,
+        names: Sequence[str],
+        user_config: Mapping[str, Any] | None,
+        nodes: int | None,
+        node_image: str | None,
+        *,
+        deadline: float,
+        plan: _Plan,
+    ) -> list[NestedCluster]:
+        """One host, and in it one kind cluster per name (made at the same time)."""
+
         def left() -> float:
             return max(deadline - time.monotonic(), 1.0)
 
         say = self.report
+        first = names[0]
+        ports = [kind.API_SERVER_PORT + i for i in range(len(names))]
         hold: Hold | None = None
         status = "created"
         with contextlib.ExitStack() as undo:
             host = None
             if plan.warm_slot is not None:
-                host = self._adopt_warm(name, plan, left)
+                host = self._adopt_warm(first, plan, left)
                 status = "warm" if host is not None else status
             if host is None:
-                host = self._make_host(name, plan)
+                host = self._make_host(first, plan, ports)
                 if self.config.keep:
                     undo.callback(
                         say,
-                        f"kipik {name}: kept after a failure; remove with: "
+                        f"kipik {first}: kept after a failure; remove with: "
                         f"{host.removal_command()}",
                     )
                 else:
                     undo.callback(self._remove_quietly, host)
-                with phase(say, name, "DinD up"):
+                with phase(say, first, "DinD up"):
                     host.start()
                 if not self._leased(plan):  # the dead-man switch, right away
                     hold = host.hold()
                     if hold is not None:
                         undo.callback(hold.release)
-                        self._owner_holds(host, name)
-                with phase(say, name, "inner daemon ready"):
+                        self._owner_holds(host, first)
+                with phase(say, first, "inner daemon ready"):
                     host.wait_ready(left())
             if self._leased(plan) and not self.config.keep:
                 self._write_lease(host)
@@ -540,53 +809,108 @@ class ClusterFactory:
             )
             images: dict[str, str] = {}
             for image in kind.node_images(user_config, node_image):
-                with phase(say, name, f"node image {image} in"):
+                with phase(say, first, f"node image {image} in"):
                     inner = host.load_image(image, left())
                 if inner is None:
-                    say(f"kipik {name}: {image} is not local; kind will pull it")
+                    say(f"kipik {first}: {image} is not local; kind will pull it")
                 else:
                     images[image] = inner
-            config = self._build_config(user_config, name, host.cert_sans(), nodes, images)
-            driver = kind.KindDriver(host)
-            with phase(say, name, "kind create"):
-                driver.create(
-                    config,
-                    image=images.get(node_image, node_image) if node_image else None,
-                    timeout=left(),
-                    retain=self.config.keep,
-                    on_output=self._kind_output(name),
-                )
-            with phase(say, name, "kubeconfig + readiness"):
-                endpoint = host.api_endpoint(kind.API_SERVER_PORT)
-                raw = kubeconfig.parse(driver.kubeconfig(name))
-                reported = kubeconfig.server_of(raw)
-                if urlsplit(reported).port != kind.API_SERVER_PORT:
-                    raise KipikError(
-                        f"kind's kubeconfig names {reported}, but kipik asked kind to publish the "
-                        f"API server on port {kind.API_SERVER_PORT} (networking.apiServerPort) "
-                        "and reaches it there; the kind in the DinD image did not honour it"
-                    )
-                directory = plan.kubeconfig_dir or self._kubeconfig_dir(name)
-                if not self.config.keep and plan.reuse_key is None:
-                    undo.callback(shutil.rmtree, directory, True)
-                path = kubeconfig.write_private(
-                    directory / "kubeconfig",
-                    kubeconfig.dump(kubeconfig.with_server(raw, endpoint.url)),
-                )
-                cluster = NestedCluster(
-                    name=name,
-                    kubeconfig_path=path,
-                    server=endpoint.url,
+
+            def make(name: str, port: int) -> NestedCluster:
+                return self._kind_cluster(
                     host=host,
-                    nodes=kind.node_count(config),
-                    keep=self.config.keep,
-                    owned=plan.owned,
-                    hold=hold,
+                    name=name,
+                    port=port,
+                    user_config=user_config,
+                    nodes=nodes,
+                    node_image=node_image,
+                    images=images,
+                    deadline=deadline,
+                    plan=plan,
+                    undo=undo,
+                    hold=hold if name == first else None,
                     status=status,
                 )
-                undo.callback(cluster.close_client)
-                readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
+
+            if len(names) == 1:
+                clusters = [make(first, ports[0])]
+            else:
+                with ThreadPoolExecutor(len(names), thread_name_prefix="kipik-create") as pool:
+                    futures = [
+                        pool.submit(make, n, port) for n, port in zip(names, ports, strict=True)
+                    ]
+                    wait(futures)
+                    clusters = [f.result() for f in futures]  # the first failure is raised
+                share = HostShare(names)
+                for cluster in clusters:
+                    cluster.share = share
+            if self.config.load_images:
+                for cluster in clusters:
+                    with phase(
+                        say, cluster.name, f"{len(self.config.load_images)} image(s) loaded"
+                    ):
+                        cluster.load_image(*self.config.load_images, timeout=left())
             undo.pop_all()
+        return clusters
+
+    def _kind_cluster(
+        self,
+        *,
+        host: Host,
+        name: str,
+        port: int,
+        user_config: Mapping[str, Any] | None,
+        nodes: int | None,
+        node_image: str | None,
+        images: Mapping[str, str],
+        deadline: float,
+        plan: _Plan,
+        undo: contextlib.ExitStack,
+        hold: Hold | None,
+        status: str,
+    ) -> NestedCluster:
+        """``kind create`` in ``host``, API server on ``port`` there, kubeconfig, readiness."""
+        say = self.report
+        config = self._build_config(user_config, name, host.cert_sans(), nodes, images, port=port)
+        driver = kind.KindDriver(host)
+        with phase(say, name, "kind create"):
+            driver.create(
+                config,
+                image=images.get(node_image, node_image) if node_image else None,
+                timeout=max(deadline - time.monotonic(), 1.0),
+                retain=self.config.keep,
+                on_output=self._kind_output(name),
+            )
+        with phase(say, name, "kubeconfig + readiness"):
+            endpoint = host.api_endpoint(port)
+            raw = kubeconfig.parse(driver.kubeconfig(name))
+            reported = kubeconfig.server_of(raw)
+            if urlsplit(reported).port != port:
+                raise KipikError(
+                    f"kind's kubeconfig names {reported}, but kipik asked kind to publish the "
+                    f"API server on port {port} (networking.apiServerPort) "
+                    "and reaches it there; the kind in the DinD image did not honour it"
+                )
+            directory = plan.kubeconfig_dir or self._kubeconfig_dir(name)
+            if not self.config.keep and plan.reuse_key is None:
+                undo.callback(shutil.rmtree, directory, True)
+            path = kubeconfig.write_private(
+                directory / "kubeconfig",
+                kubeconfig.dump(kubeconfig.with_server(raw, endpoint.url)),
+            )
+            cluster = NestedCluster(
+                name=name,
+                kubeconfig_path=path,
+                server=endpoint.url,
+                host=host,
+                nodes=kind.node_count(config),
+                keep=self.config.keep,
+                owned=plan.owned,
+                hold=hold,
+                status=status,
+            )
+            undo.callback(cluster.close_client)
+            readiness.wait_ready(cluster.api_client, nodes=cluster.nodes, deadline=deadline)
         return cluster
 
     def _owner_holds(self, host: Host, name: str) -> None:
@@ -628,6 +952,9 @@ class ClusterFactory:
 
     def _close_all(self) -> list[Exception]:
         problems: list[Exception] = []
+        for cluster in self.clusters:
+            if cluster.share is not None:
+                cluster.share.dissolving = True  # the host goes with the last of them
         try:
             for cluster in reversed(list(self.clusters)):
                 if cluster.keep or not cluster.owned:

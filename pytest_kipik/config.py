@@ -116,6 +116,26 @@ def _kind_config(text: str, base: Path) -> Path | None:
     return path
 
 
+def _image_list(text: str, base: Path) -> tuple[str, ...]:
+    """Comma-separated images; an entry that names an existing file is that archive's path."""
+    found = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        path = (base / Path(entry).expanduser()).resolve()
+        found.append(str(path) if path.is_file() else entry)
+    return tuple(found)
+
+
+def _directory(text: str, base: Path) -> Path | None:
+    if not text.strip():
+        return None
+    path = (base / Path(text.strip()).expanduser()).resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory")
+    return path
+
+
 def _existing_file(text: str, base: Path) -> Path | None:
     if not text.strip():
         return None
@@ -270,6 +290,20 @@ class KipikConfig:
         lambda text, _base: parse_duration(text),
         metavar="DURATION",
     )
+    load_images: tuple[str, ...] = setting(
+        "",
+        "images to load into every node of each cluster when it is made, comma-separated: "
+        "names on the local engine, or docker save / OCI archive files",
+        _image_list,
+        metavar="IMAGES",
+    )
+    logs_dir: Path | None = setting(
+        "",
+        "a directory: at the end of the session, kind export logs and the DinD daemon log of "
+        "every cluster are written there (one folder per cluster) and the path is printed",
+        _directory,
+        metavar="DIR",
+    )
     outer_kubeconfig: Path | None = setting(
         "",
         "pod backend: kubeconfig of the outer cluster; default: in-cluster config inside a pod, "
@@ -329,6 +363,8 @@ class KipikConfig:
         for spec in settings(group):
             value = getattr(self, spec.name)
             shown = "-" if value is None else str(value)
+            if isinstance(value, tuple):
+                shown = ",".join(value) or "-"
             if spec.name in ("timeout", "ttl"):
                 shown = f"{value:g}s"
             lines.append(f"{spec.name}={shown} ({self.sources.get(spec.name, 'default')})")

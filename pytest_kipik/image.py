@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,67 @@ def inner_reference(image: str) -> str:
     if not _DIGEST_RE.match(digest):
         raise ImageError(f"{image!r} has an invalid digest: expected sha256: and 64 hex digits")
     return f"{name}:{tag or 'sha256-' + digest[len('sha256:') :][:16]}"
+
+
+@dataclass(frozen=True)
+class ArchiveImage:
+    """One image in a ``docker save`` or OCI archive: its id and the names it carries."""
+
+    id: str
+    tags: tuple[str, ...]
+
+
+def _json_member(archive: tarfile.TarFile, name: str) -> Any:
+    try:
+        member = archive.extractfile(name.lstrip("./"))
+    except KeyError:
+        return None
+    return None if member is None else json.load(member)
+
+
+def _blob(digest: str) -> str:
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"blobs/{algorithm}/{hex_digest}"
+
+
+def archive_images(path: Path) -> list[ArchiveImage]:
+    """The images in an image archive (``docker save``, plain or gzipped, or an OCI layout).
+
+    An image's id is the digest of its config, as Docker and containerd name it. Raises
+    ImageError when ``path`` is not such an archive.
+    """
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            manifest = _json_member(archive, "manifest.json")
+            if isinstance(manifest, list):
+                found = []
+                for entry in manifest:
+                    config = str(entry["Config"])
+                    digest = config.rsplit("/", 1)[-1].removesuffix(".json")
+                    found.append(
+                        ArchiveImage(f"sha256:{digest}", tuple(entry.get("RepoTags") or ()))
+                    )
+                return found
+            index = _json_member(archive, "index.json")
+            if isinstance(index, dict):
+                found = []
+                for entry in index.get("manifests") or []:
+                    annotations = entry.get("annotations") or {}
+                    name = annotations.get("io.containerd.image.name") or annotations.get(
+                        "org.opencontainers.image.ref.name", ""
+                    )
+                    image_manifest = _json_member(archive, _blob(entry["digest"]))
+                    if not isinstance(image_manifest, dict) or "config" not in image_manifest:
+                        continue  # a nested index (multi-platform): not loadable by docker
+                    tags = (name,) if ":" in name or "/" in name else ()
+                    found.append(ArchiveImage(image_manifest["config"]["digest"], tags))
+                return found
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
+        raise ImageError(f"{path}: cannot read it as an image archive: {exc}") from None
+    raise ImageError(
+        f"{path} is not an image archive (no manifest.json or index.json): make one with "
+        "`docker save IMAGE -o FILE.tar` (or an OCI layout archive)"
+    )
 
 
 def context_dir() -> Path:

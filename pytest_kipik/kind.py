@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,9 +315,26 @@ def create_argv(
     return argv
 
 
-def get_kubeconfig_argv(name: str) -> list[str]:
-    """``kind get kubeconfig`` (the external address, as kind publishes it in the host)."""
-    return ["kind", "get", "kubeconfig", "--name", name]
+def get_kubeconfig_argv(name: str, *, internal: bool = False) -> list[str]:
+    """``kind get kubeconfig`` of cluster ``name``.
+
+    The server is the address kind published in the host, or (``internal``) the control-plane
+    container's name, valid on the host's ``kind`` network.
+    """
+    return ["kind", "get", "kubeconfig", "--name", name, *(["--internal"] if internal else [])]
+
+
+def load_argv(name: str, images: Sequence[str]) -> list[str]:
+    """``kind load docker-image`` of images the host's daemon has, into every node."""
+    return ["kind", "load", "docker-image", *images, "--name", name]
+
+
+_NOT_YET_PRESENT = re.compile(r'not yet present on node "([^"]+)"')
+
+
+def nodes_loaded(output: str) -> list[str]:
+    """The nodes ``kind load docker-image`` said it loads into (none: all had every image)."""
+    return list(dict.fromkeys(_NOT_YET_PRESENT.findall(output)))
 
 
 def get_clusters_argv() -> list[str]:
@@ -379,9 +397,21 @@ class KindDriver:
         except CommandError as exc:
             raise self._fail(f"delete cluster {name!r}", exc) from None
 
-    def kubeconfig(self, name: str) -> str:
-        """The kubeconfig kind reports for the cluster (server as published inside the host)."""
+    def kubeconfig(self, name: str, *, internal: bool = False) -> str:
+        """The kubeconfig kind reports for the cluster (see :func:`get_kubeconfig_argv`)."""
         try:
-            return self.host.exec(get_kubeconfig_argv(name), timeout=60).check().stdout
+            argv = get_kubeconfig_argv(name, internal=internal)
+            return self.host.exec(argv, timeout=60).check().stdout
         except CommandError as exc:
             raise self._fail(f"get the kubeconfig of {name!r}", exc) from None
+
+    def load(self, name: str, images: Sequence[str], *, timeout: float) -> list[str]:
+        """Load images of the host's daemon into every node of ``name``; the nodes loaded.
+
+        kind skips a node that has an image of the same id already.
+        """
+        try:
+            result = self.host.exec(load_argv(name, images), timeout=timeout).check()
+        except CommandError as exc:
+            raise self._fail(f"load {', '.join(images)} into {name!r}", exc) from None
+        return nodes_loaded(result.stdout + result.stderr)

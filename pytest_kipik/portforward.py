@@ -164,3 +164,117 @@ class PortForwarder:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
+
+
+# -- what ``cluster.port_forward("svc/name", port)`` reaches --------------------------------------
+
+_KINDS = {
+    "pod": "pod",
+    "pods": "pod",
+    "po": "pod",
+    "svc": "service",
+    "service": "service",
+    "services": "service",
+    "deploy": "deployment",
+    "deployment": "deployment",
+    "deployments": "deployment",
+}
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """``("pod"|"service"|"deployment", name)`` from ``svc/web``, ``pod/web-0`` or ``web-0``."""
+    kind, slash, name = text.partition("/")
+    if not slash:
+        kind, name = "pod", text
+    if kind.lower() not in _KINDS or not name:
+        raise ValueError(
+            f"cannot port-forward to {text!r}: say pod/NAME, svc/NAME or deployment/NAME"
+        )
+    return _KINDS[kind.lower()], name
+
+
+def pick_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pod a forward to a set of pods uses: running and ready first, then the oldest.
+
+    Pods that are terminating or not Running are never picked (a forward to them fails).
+    """
+
+    def ready(pod: dict[str, Any]) -> bool:
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+    running = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Running"
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    running.sort(
+        key=lambda p: (
+            not ready(p),
+            str(p["metadata"].get("creationTimestamp")),
+            p["metadata"]["name"],
+        )
+    )
+    return running[0] if running else None
+
+
+def container_port(service: dict[str, Any], pod: dict[str, Any], port: int) -> int:
+    """The pod port behind ``port`` of ``service`` (its targetPort, named ports resolved)."""
+    ports = (service.get("spec") or {}).get("ports") or []
+    match = [p for p in ports if p.get("port") == port]
+    if not match:
+        offered = ", ".join(str(p.get("port")) for p in ports) or "none"
+        raise ValueError(
+            f"service {service['metadata']['name']} has no port {port} (its ports: {offered})"
+        )
+    target = match[0].get("targetPort", port)
+    if isinstance(target, int) or str(target).isdigit():
+        return int(target)
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for declared in container.get("ports") or []:
+            if declared.get("name") == target:
+                return int(declared["containerPort"])
+    raise ValueError(
+        f"service {service['metadata']['name']} port {port} targets the port named {target!r}, "
+        f"which pod {pod['metadata']['name']} does not declare"
+    )
+
+
+def forward_resolver(
+    api_client: k8s_client.ApiClient, namespace: str, target: str, port: int
+) -> Resolver:
+    """Where each connection of a forward to ``target`` (``svc/NAME``, ...) goes, asked anew.
+
+    A pod is used as named; for a service or deployment, a running pod its selector matches
+    (see :func:`pick_pod`), with a service port translated to the pod's (:func:`container_port`).
+    """
+    kind, name = parse_target(target)
+    core = k8s_client.CoreV1Api(api_client)
+
+    def plain(obj: Any) -> dict[str, Any]:
+        found: dict[str, Any] = api_client.sanitize_for_serialization(obj)
+        return found
+
+    def resolve() -> Target:
+        if kind == "pod":
+            core.read_namespaced_pod(name, namespace)  # 404 names it
+            return Target(namespace, name, port)
+        if kind == "service":
+            owner = plain(core.read_namespaced_service(name, namespace))
+            selector = (owner.get("spec") or {}).get("selector") or {}
+        else:
+            apps = k8s_client.AppsV1Api(api_client)
+            owner = plain(apps.read_namespaced_deployment(name, namespace))
+            selector = ((owner.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not selector:
+            raise ValueError(f"{target} has no pod selector, so no pod to forward to")
+        labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        pods = plain(core.list_namespaced_pod(namespace, label_selector=labels)).get("items") or []
+        pod = pick_pod(pods)
+        if pod is None:
+            raise ValueError(f"no running pod matches {target}'s selector {labels}")
+        remote = container_port(owner, pod, port) if kind == "service" else port
+        return Target(namespace, pod["metadata"]["name"], remote)
+
+    return resolve

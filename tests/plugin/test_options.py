@@ -44,7 +44,8 @@ def test_header_shows_values_and_their_sources(
             "kind_config=- (default), timeout=120s (env), keep=True (cli), "
             "name_prefix=kipik (default), pod_subnet=100.96.0.0/16 (default), "
             "service_subnet=100.97.0.0/16 (default), reuse=False (default), "
-            "warm=False (default), ttl=14400s (default)",
+            "warm=False (default), ttl=14400s (default), "
+            "load_images=- (default), logs_dir=- (default)",
             "kipik: backend docker (auto: not running in a Kubernetes pod)",
             "kipik: docker engine: unix:///var/run/docker.sock "
             "(the default; DOCKER_HOST is not set)",

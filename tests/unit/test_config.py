@@ -26,6 +26,8 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "reuse": ("--kipik-reuse", "kipik_reuse", "KIPIK_REUSE"),
         "warm": ("--kipik-warm", "kipik_warm", "KIPIK_WARM"),
         "ttl": ("--kipik-ttl", "kipik_ttl", "KIPIK_TTL"),
+        "load_images": ("--kipik-load-images", "kipik_load_images", "KIPIK_LOAD_IMAGES"),
+        "logs_dir": ("--kipik-logs-dir", "kipik_logs_dir", "KIPIK_LOGS_DIR"),
         "outer_kubeconfig": (
             "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
         ),
@@ -105,6 +107,8 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
         "reuse=False (default)",
         "warm=False (default)",
         "ttl=14400s (default)",
+        "load_images=- (default)",
+        "logs_dir=- (default)",
     ]
     assert config.describe("pod") == [
         "outer_kubeconfig=- (default)",
@@ -223,3 +227,29 @@ def test_missing_kind_config_file_is_named(tmp_path: Path) -> None:
         "invalid kind_config from command-line option --kipik-kind-config: cannot read kind "
         f"config file {tmp_path / 'nope.yaml'}: No such file or directory"
     )
+
+
+def test_load_images_are_names_or_the_paths_of_existing_archives(tmp_path: Path) -> None:
+    (tmp_path / "app.tar").write_bytes(b"")
+    config = resolve(
+        {"load_images": " busybox:1.36, app.tar ,,localhost:5000/x:1 , missing.tar"},
+        {},
+        {},
+        cwd=tmp_path,
+        ini_dir=tmp_path,
+    )
+    assert config.load_images == (
+        "busybox:1.36",
+        str(tmp_path / "app.tar"),
+        "localhost:5000/x:1",
+        "missing.tar",
+    )
+    assert resolve({}, {}, {}, cwd=tmp_path, ini_dir=tmp_path).load_images == ()
+
+
+def test_logs_dir_must_not_be_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        resolve({"logs_dir": "f"}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
+    config = resolve({}, {}, {"KIPIK_LOGS_DIR": "logs"}, cwd=tmp_path, ini_dir=tmp_path)
+    assert config.logs_dir == tmp_path / "logs"
