@@ -415,13 +415,14 @@ def cmd_ls(args: argparse.Namespace, config: KipikConfig) -> int:
     with _backend(config) as backend:
         clusters = find_clusters(backend)
         rows = [describe_cluster(backend, c) for _, c in sorted(clusters.items())]
+        where = f"the {backend.name} backend ({backend.describe()})"
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
         columns = ["name", "backend", "status", "kind", "created", "expires", "kubeconfig"]
         print(table(rows, columns))
     else:
-        print(f"no kipik clusters on the {config.backend} backend", file=sys.stderr)
+        print(f"no kipik clusters on {where}", file=sys.stderr)
     return 0
 
 
@@ -463,13 +464,17 @@ def _reachable_kubeconfig(backend: Backend, cluster: FoundCluster) -> Iterator[P
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def shell_command(given: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The command ``kipik shell`` runs: CMD (after ``--``), else ``$SHELL``, else ``/bin/sh``."""
+    argv = list(given)
+    if argv[:1] == ["--"]:  # argparse keeps or drops it depending on the Python version
+        argv = argv[1:]
+    return argv or [environ.get("SHELL") or "/bin/sh"]
+
+
 def cmd_shell(args: argparse.Namespace, config: KipikConfig) -> int:
     """Run ``$SHELL`` or CMD with KUBECONFIG set; its exit code."""
-    argv = list(args.cmd)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv:
-        argv = [os.environ.get("SHELL") or "/bin/sh"]
+    argv = shell_command(args.cmd, os.environ)
     with _backend(config) as backend:
         cluster = find_cluster(backend, args.name)
         with _reachable_kubeconfig(backend, cluster) as path:

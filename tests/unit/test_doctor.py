@@ -1,0 +1,273 @@
+"""``kipik doctor``'s judging functions and parsers: findings in, exact verdicts out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytest_kipik import doctor
+from pytest_kipik.config import KipikConfig
+from pytest_kipik.doctor import FAIL, GIB, OK, WARN, Result
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_result_lines_and_render() -> None:
+    results = [
+        Result(OK, "engine", "Docker 20.10"),
+        Result(WARN, "inotify", "low", "raise it"),
+        Result(FAIL, "rbac", "missing create pods/exec", "apply examples/rbac.yaml"),
+    ]
+    assert doctor.render(results) == (
+        "ok    engine: Docker 20.10\n"
+        "warn  inotify: low\n"
+        "      fix: raise it\n"
+        "fail  rbac: missing create pods/exec\n"
+        "      fix: apply examples/rbac.yaml\n"
+        "1 ok, 1 warn, 1 fail"
+    )
+    assert doctor.passed(results) is False
+    assert doctor.passed(results[:2]) is True
+    parsed = json.loads(doctor.render(results, as_json=True))
+    assert parsed["passed"] is False
+    assert parsed["checks"][2] == {
+        "status": "fail",
+        "check": "rbac",
+        "finding": "missing create pods/exec",
+        "fix": "apply examples/rbac.yaml",
+    }
+
+
+def test_engine() -> None:
+    assert doctor.judge_engine("unix:///s", "24.0.7", None) == Result(
+        OK, "engine", "Docker 24.0.7 at unix:///s"
+    )
+    down = doctor.judge_engine("unix:///s", None, "connection refused")
+    assert (down.status, down.finding) == (
+        FAIL,
+        "no Docker engine answered at unix:///s: connection refused",
+    )
+    assert "DOCKER_HOST" in down.fix
+
+
+def test_privileged() -> None:
+    ran = doctor.judge_privileged("d:1", default=False, missing=False, error=None, exit_code=0)
+    assert ran == Result(OK, "privileged", "a privileged container from d:1 started and ran")
+    missing = doctor.judge_privileged(
+        "d:1", default=False, missing=True, error=None, exit_code=None
+    )
+    assert (missing.status, missing.finding) == (FAIL, "the DinD image d:1 is not on the engine")
+    assert "docker build -t d:1 image/" in missing.fix
+    default = doctor.judge_privileged(
+        "pytest-kipik/dind:abc", default=True, missing=True, error=None, exit_code=None
+    )
+    assert default.fix.startswith("kipik builds pytest-kipik/dind:abc from its image/ folder")
+    caps = doctor.judge_privileged(
+        "d:1",
+        default=False,
+        missing=False,
+        error="OCI runtime create failed: unable to apply caps: operation not permitted",
+        exit_code=None,
+    )
+    assert caps.status == FAIL
+    assert caps.finding.startswith("a privileged container from d:1 did not run: OCI runtime")
+    assert "image/runc-capfix" in caps.fix
+    refused = doctor.judge_privileged(
+        "d:1", default=False, missing=False, error="privileged mode is disabled", exit_code=None
+    )
+    assert "rootless" in refused.fix
+    exited = doctor.judge_privileged("d:1", default=False, missing=False, error=None, exit_code=3)
+    assert (exited.status, exited.finding) == (
+        FAIL,
+        "a privileged container from d:1 started but its probe exited 3",
+    )
+
+
+def test_cgroup() -> None:
+    assert doctor.judge_cgroup("1", True) == Result(
+        OK, "cgroup", "cgroup v1 (hybrid or legacy); a privileged container can make child cgroups"
+    )
+    assert doctor.judge_cgroup("2", True, "controllers: cpu memory") == Result(
+        OK,
+        "cgroup",
+        "cgroup v2; a privileged container can make a writable subtree with controllers",
+    )
+    v2 = doctor.judge_cgroup("2", False, "controllers: none")
+    assert (v2.status, v2.finding) == (
+        FAIL,
+        "cgroup v2; a privileged container cannot delegate controllers to a child cgroup "
+        "(controllers: none)",
+    )
+    assert "private cgroup namespace" in v2.fix
+    assert doctor.judge_cgroup("1", False).status == FAIL
+    assert doctor.judge_cgroup(None, None).status == WARN
+
+
+def test_modules() -> None:
+    assert doctor.judge_modules(True, "6.1.0", 3, True) == Result(
+        OK, "/lib/modules", "present with the running kernel's modules (6.1.0)"
+    )
+    empty = doctor.judge_modules(True, "6.1.0", 0, False)
+    assert (empty.status, empty.finding) == (
+        WARN,
+        "/lib/modules is empty: nothing inside can load kernel modules",
+    )
+    other = doctor.judge_modules(True, "6.1.0", 1, False)
+    assert other.finding == (
+        "/lib/modules has 1 entry but none for the running kernel 6.1.0: nothing inside can "
+        "load kernel modules"
+    )
+    absent = doctor.judge_modules(False, "6.1.0", 0, False)
+    assert (absent.status, absent.fix.split(" (")[0]) == (
+        FAIL,
+        "create it on the engine host",
+    )
+
+
+@pytest.mark.parametrize(
+    ("watches", "instances", "status", "finding"),
+    [
+        (524288, 512, OK, "max_user_watches=524288, max_user_instances=512"),
+        (1048576, 8192, OK, "max_user_watches=1048576, max_user_instances=8192"),
+        (
+            192536, 128, WARN,
+            "low limits: max_user_watches=192536 (< 524288), max_user_instances=128 (< 512); "
+            "pods may fail with 'too many open files'",
+        ),
+        (
+            524288, 511, WARN,
+            "low limits: max_user_instances=511 (< 512); pods may fail with 'too many open files'",
+        ),
+    ],
+)  # fmt: skip
+def test_inotify(watches: int, instances: int, status: str, finding: str) -> None:
+    result = doctor.judge_inotify(watches, instances)
+    assert (result.status, result.finding) == (status, finding)
+
+
+def test_inotify_fix_never_lowers_a_limit() -> None:
+    fix = doctor.judge_inotify(1048576, 128).fix
+    assert "fs.inotify.max_user_watches=1048576 fs.inotify.max_user_instances=512" in fix
+
+
+@pytest.mark.parametrize(
+    ("free", "status", "finding"),
+    [
+        (50 * GIB, OK, "50.0 GiB free in /var/lib/docker"),
+        (10 * GIB, OK, "10.0 GiB free in /var/lib/docker"),
+        (10 * GIB - 1, WARN, "10.0 GiB free in /var/lib/docker (< 10.0 GiB)"),
+        (3 * GIB, WARN, "3.0 GiB free in /var/lib/docker (< 10.0 GiB)"),
+        (3 * GIB - 1, FAIL, "3.0 GiB free in /var/lib/docker (< 3.0 GiB)"),
+        (0, FAIL, "0.0 GiB free in /var/lib/docker (< 3.0 GiB)"),
+    ],
+)
+def test_disk_thresholds(free: int, status: str, finding: str) -> None:
+    result = doctor.judge_disk("/var/lib/docker", free)
+    assert (result.status, result.finding) == (status, finding)
+
+
+def test_overlaps_between_nested_ranges_and_with_outer_ones() -> None:
+    nested = {"nested podSubnet": "10.244.0.0/16", "nested serviceSubnet": "10.96.0.0/12"}
+    outer = {
+        "Docker network bridge": "172.17.0.0/16",
+        "outer pod web": "10.244.3.7",
+        "the outer API server": "kubernetes.example",  # a name: nothing to compare
+    }
+    assert doctor.overlaps(nested, outer) == [
+        "nested podSubnet 10.244.0.0/16 overlaps 10.244.3.7 (outer pod web)"
+    ]
+    clash = {"nested podSubnet": "100.96.0.0/16", "nested serviceSubnet": "100.96.128.0/17"}
+    assert doctor.overlaps(clash, {}) == [
+        "nested podSubnet 100.96.0.0/16 overlaps nested serviceSubnet 100.96.128.0/17"
+    ]
+    result = doctor.judge_overlap(nested, outer)
+    assert result.status == FAIL
+    assert "--pod-subnet" in result.fix
+
+
+def test_default_ranges_overlap_nothing_usual() -> None:
+    ranges = doctor.nested_ranges(KipikConfig())
+    assert ranges == {
+        "nested podSubnet": "100.96.0.0/16",
+        "nested serviceSubnet": "100.97.0.0/16",
+        "inner Docker bridge": "100.99.0.0/24",
+        "inner Docker address pool": "100.98.0.0/16",
+    }
+    usual = {"docker0": "172.17.0.0/16", "lan": "192.168.1.0/24", "kind": "10.244.0.0/16"}
+    result = doctor.judge_overlap(ranges, usual)
+    assert result == Result(
+        OK,
+        "subnets",
+        "nested podSubnet 100.96.0.0/16, nested serviceSubnet 100.97.0.0/16, inner Docker "
+        "bridge 100.99.0.0/24, inner Docker address pool 100.98.0.0/16 overlap none of 3 "
+        "outer range(s)",
+    )
+
+
+def test_outer_api() -> None:
+    assert doctor.judge_outer_api("https://o:6443", "kubeconfig k", "v1.31.0", None) == Result(
+        OK, "outer API", "Kubernetes v1.31.0 at https://o:6443 (kubeconfig k)"
+    )
+    down = doctor.judge_outer_api("https://o:6443", "kubeconfig k", None, "timed out")
+    assert (down.status, down.finding) == (
+        FAIL,
+        "the outer cluster at https://o:6443 did not answer (kubeconfig k): timed out",
+    )
+
+
+def test_access_names_what_is_missing_and_where_to_get_it() -> None:
+    everything = dict.fromkeys(doctor.POD_BACKEND_ACCESS, True)
+    assert doctor.judge_access("ci", everything, direct=False) == Result(
+        OK, "rbac", "all 12 permissions in namespace ci"
+    )
+    denied = {**everything, ("create", "pods/exec"): False, ("list", "events"): False}
+    result = doctor.judge_access("ci", denied, direct=False)
+    assert (result.status, result.finding) == (
+        FAIL,
+        "missing in namespace ci: create pods/exec, list events",
+    )
+    assert (
+        result.fix
+        == "grant the Role in examples/rbac.yaml (kubectl apply -n ci -f examples/rbac.yaml)"
+    )
+    forward = {**everything, ("create", "pods/portforward"): False}
+    assert doctor.judge_access("ci", forward, direct=False).status == FAIL
+    inside = doctor.judge_access("ci", forward, direct=True)
+    assert (inside.status, inside.finding) == (
+        WARN,
+        "missing in namespace ci: create pods/portforward (only needed outside the outer cluster)",
+    )
+    refused = doctor.judge_access("ci", {}, direct=False, error="HTTP 403 Forbidden")
+    assert (refused.status, refused.finding) == (
+        FAIL,
+        "could not ask the outer cluster: HTTP 403 Forbidden",
+    )
+
+
+def test_access_list_is_the_example_role() -> None:
+    documents = list(yaml.safe_load_all((ROOT / "examples" / "rbac.yaml").read_text()))
+    role = next(d for d in documents if d["kind"] == "Role")
+    granted = {(verb, res) for rule in role["rules"] for res in rule["resources"]
+               for verb in rule["verbs"]}  # fmt: skip
+    assert set(doctor.POD_BACKEND_ACCESS) == granted
+
+
+def test_parse_probe_route_and_statfs() -> None:
+    facts = doctor.parse_probe(
+        "kernel=6.1.0\nroute=eth0 00000000 00000000\nroute=docker0 000011AC 0000FFFF\n"
+        "noise without equals\ndisk=20348636 4096\n"
+    )
+    assert facts == {
+        "kernel": ["6.1.0"],
+        "route": ["eth0 00000000 00000000", "docker0 000011AC 0000FFFF"],
+        "disk": ["20348636 4096"],
+    }
+    assert doctor.parse_route("docker0 000011AC 0000FFFF") == ("docker0", "172.17.0.0/16")
+    assert doctor.parse_route("eth0 0002A8C0 00FFFFFF") == ("eth0", "192.168.2.0/24")
+    assert doctor.parse_route("eth0 00000000 00000000") is None  # the default route
+    assert doctor.parse_route("garbage") is None
+    assert doctor.parse_statfs("20348636 4096") == 20348636 * 4096
+    assert doctor.parse_statfs("") is None
