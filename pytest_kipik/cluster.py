@@ -302,6 +302,29 @@ class NestedCluster:
 
 
 @dataclass(frozen=True)
+class NestedNamespace:
+    """A namespace of its own for one test, in the session's nested cluster."""
+
+    name: str
+    cluster: NestedCluster
+
+    def __str__(self) -> str:
+        return self.name
+
+    def apply(self, source: Any, **options: Any) -> list[dict[str, Any]]:
+        """:meth:`NestedCluster.apply` with this namespace for objects that name none."""
+        return self.cluster.apply(source, namespace=self.name, **options)
+
+    def wait_for(self, kind: str, name: str, condition: Any = None, timeout: float = 60) -> Any:
+        """:meth:`NestedCluster.wait_for` in this namespace."""
+        return self.cluster.wait_for(kind, name, self.name, condition, timeout)
+
+    def port_forward(self, target: str, remote_port: int, **options: Any) -> Any:
+        """:meth:`NestedCluster.port_forward` in this namespace."""
+        return self.cluster.port_forward(target, remote_port, namespace=self.name, **options)
+
+
+@dataclass(frozen=True)
 class ImageLoad:
     """What :meth:`NestedCluster.load_image` did with one image."""
 

@@ -71,6 +71,17 @@ def label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
 
 
+def namespace_name(test_name: str, suffix: str) -> str:
+    """A namespace name (DNS-1123 label) from a test's name and a short unique ``suffix``.
+
+    ``test_deploys[web-1]`` becomes ``test-deploys-web-1-<suffix>``; long names are cut so that
+    the whole stays within 63 characters.
+    """
+    stem = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-") or "test"
+    stem = stem[: 62 - len(suffix)].rstrip("-")
+    return f"{stem}-{suffix}"
+
+
 def timestamp(moment: dt.datetime | None = None) -> str:
     """A UTC time as a label value (:data:`TIMESTAMP_FORMAT`)."""
     return (moment or dt.datetime.now(dt.timezone.utc)).strftime(TIMESTAMP_FORMAT)

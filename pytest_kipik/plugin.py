@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kind, reaper, sharing
+from pytest_kipik import diagnostics, kind, labels, logs, reaper, sharing
 from pytest_kipik.cluster import (
     ClusterFactory,
     NestedCluster,
+    NestedNamespace,
     OwnerHolds,
     reuse_name,
     reuse_state,
@@ -28,6 +30,7 @@ from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
 from pytest_kipik.hosts import Choice, choose, make_backend
 from pytest_kipik.hosts.docker import engine_location
 from pytest_kipik.hosts.pod import local_outer_addresses
+from pytest_kipik.marker import ClusterSpec, marker_spec
 from pytest_kipik.progress import Reporter, Tail, file_reporter
 from pytest_kipik.sharing import Session, WarmSlot
 from pytest_kipik.signals import deferred_interrupts, terminate_as_interrupt
@@ -103,6 +106,11 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Resolve and validate the settings and choose the backend, before anything starts."""
+    config.addinivalue_line(
+        "markers",
+        "kipik(nodes=None, node_image=None, kind_config=None): the cluster nested_cluster gives "
+        "the tests of this module or class (one cluster per distinct configuration, shared)",
+    )
     try:
         kipik = _resolve(config)
         choice = choose(kipik)
@@ -253,6 +261,51 @@ def _reporter(config: pytest.Config) -> Reporter:
     return report
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests under ``@pytest.mark.kipik(...)`` get the cluster of that configuration."""
+    if "nested_cluster" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("kipik")
+    if marker is None:
+        return
+    try:
+        spec = marker_spec(marker.args, marker.kwargs, metafunc.definition.path.parent)
+    except ConfigError as exc:
+        problem = f"pytest-kipik: {metafunc.definition.nodeid}: {exc}"
+    else:
+        metafunc.parametrize(
+            "nested_cluster", [spec], indirect=True, ids=[spec.id], scope="session"
+        )
+        return
+    pytest.fail(problem, pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failed test that used a nested cluster gets that cluster's state in its report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed or report.when == "teardown":
+        return
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    namespace = funcargs.get("nested_namespace")
+    if isinstance(namespace, NestedNamespace):
+        text = diagnostics.snapshot(
+            namespace.cluster.api_client, namespace=namespace.name, nodes=False
+        )
+        report.sections.append((f"kipik: namespace {namespace.name}", text))
+    seen: set[str] = set()
+    for value in funcargs.values():
+        for cluster in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(cluster, NestedCluster) and cluster.name not in seen:
+                seen.add(cluster.name)
+                report.sections.append(
+                    (f"kipik: cluster {cluster.name}", diagnostics.snapshot(cluster.api_client))
+                )
+
+
 @pytest.fixture(scope="session")
 def nested_cluster_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -283,21 +336,43 @@ def nested_cluster_factory(
         pytest.exit(problem, returncode=pytest.ExitCode.TESTS_FAILED)
     with terminate_as_interrupt():
         yield factory
-        problems = factory.close()
+        logs_dir = config.stash[CONFIG_KEY].logs_dir
+        problems = _export_logs(factory, logs_dir, report) if logs_dir else []
+        problems += factory.close()
     for failure in problems:
         warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {failure}"), stacklevel=1)
 
 
+def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> list[Exception]:
+    """``kind export logs`` + the daemon log of every cluster this process made; never raises."""
+    problems: list[Exception] = []
+    for cluster in factory.clusters:
+        if cluster.status == "attached":
+            continue  # the process that made it exports its logs
+        try:
+            path = logs.export_logs(cluster.host, cluster.name, directory, timeout=120)
+        except Exception as exc:  # the next cluster's logs still get written
+            problems.append(KipikError(f"logs of {cluster.name} not exported: {exc}"))
+        else:
+            report(f"kipik {cluster.name}: logs in {path}")
+    return problems
+
+
 @pytest.fixture(scope="session")
-def nested_cluster(nested_cluster_factory: ClusterFactory) -> NestedCluster:
+def nested_cluster(
+    request: pytest.FixtureRequest, nested_cluster_factory: ClusterFactory
+) -> NestedCluster:
     """A ready nested kind cluster shared by the whole session (all xdist workers share one).
 
-    Has ``name``, ``kubeconfig_path``, ``server``, ``api_client``, ``core_v1`` and
-    ``kubectl(*args)``. Configure it with the ``--kipik-*`` options; ``--kipik-reuse`` keeps it
-    for the next run, ``--kipik-warm`` makes it in a DinD host kept between runs.
+    Has ``name``, ``kubeconfig_path``, ``server``, ``api_client``, ``core_v1``, ``apply()``,
+    ``delete()``, ``wait_for()``, ``port_forward()``, ``load_image()``, ``kubectl()`` and
+    ``helm()``. Configure it with the ``--kipik-*`` options, or per module or class with
+    ``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=...)``; ``--kipik-reuse`` keeps
+    it for the next run, ``--kipik-warm`` makes it in a DinD host kept between runs.
     """
+    spec: ClusterSpec = getattr(request, "param", ClusterSpec())
     try:
-        return nested_cluster_factory.shared()
+        return nested_cluster_factory.shared(**spec.arguments())
     except KipikError as exc:
         problem = f"pytest-kipik could not create the nested cluster:\n{exc}"
     pytest.fail(problem, pytrace=False)  # outside the except block: the error shows once
@@ -313,3 +388,20 @@ def nested_kubeconfig(nested_cluster: NestedCluster) -> Path:
 def nested_client(nested_cluster: NestedCluster) -> k8s_client.ApiClient:
     """A ``kubernetes.client.ApiClient`` for the session cluster (not the global default)."""
     return nested_cluster.api_client
+
+
+@pytest.fixture
+def nested_namespace(
+    request: pytest.FixtureRequest, nested_cluster: NestedCluster
+) -> Iterator[NestedNamespace]:
+    """A fresh namespace in ``nested_cluster`` for this test (named after it), deleted after.
+
+    ``.name``, ``.cluster``, and ``apply()``, ``wait_for()``, ``port_forward()`` working in it.
+    When the test fails, its events and the state of its pods are added to the report.
+    """
+    name = labels.namespace_name(request.node.name, secrets.token_hex(3))
+    nested_cluster.core_v1.create_namespace(
+        k8s_client.V1Namespace(metadata=k8s_client.V1ObjectMeta(name=name))
+    )
+    yield NestedNamespace(name, nested_cluster)
+    nested_cluster.core_v1.delete_namespace(name, propagation_policy="Background")
