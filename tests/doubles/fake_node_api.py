@@ -1,9 +1,11 @@
 """A minimal plain-HTTP stand-in for the API server, to test the kubelet double on its own.
 
-Run inside a node container (`python3 fake_node_api.py PORT STATE_DIR`): serves the node's pods
-from STATE_DIR/pods.json (written by the test), stores status patches into
-STATE_DIR/status/<uid>.json, events into STATE_DIR/events.jsonl, and ConfigMaps/Secrets/
-Services/Endpoints from STATE_DIR/<resource>.json. Stdlib only.
+Run inside a node container (`python3 fake_node_api.py PORT STATE_DIR`, with the node double at
+/kipik-node): serves the node's pods from STATE_DIR/pods.json (written by the test) with the
+status the kubelet patched (stored in STATE_DIR/status/<uid>.json), events into
+STATE_DIR/events.jsonl, ConfigMaps/Secrets/Services/Endpoints from STATE_DIR/<resource>.json,
+and `pods/NAME/log` and `pods/NAME/portforward` through the node double's `streaming.serve`, the
+way its API server does. Stdlib only; nothing is validated.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, "/kipik-node")  # the node double, as its API server imports it
+import streaming  # type: ignore[import-not-found]
 
 STATE = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/smoke")
 LOCK = threading.Lock()
@@ -46,11 +51,34 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return json.loads(self.rfile.read(length)) if length else None
 
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        for pod in read("pods"):
+            meta = pod["metadata"]
+            if (meta["namespace"], meta["name"]) == (namespace, name):
+                status = STATE / "status" / f"{meta['uid']}.json"
+                if status.exists():
+                    pod["status"] = json.loads(status.read_text())
+                return pod
+        return None
+
     def do_GET(self) -> None:
-        parts = urlsplit(self.path).path.strip("/").split("/")
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
         if parts[-1] in ("pods", "services", "endpoints"):
-            self.reply(200, {"kind": "List", "items": read(parts[-1])})
+            items = read(parts[-1])
+            if parts[-1] == "pods":
+                items = [p for p in (self.pod(i["metadata"]["namespace"], i["metadata"]["name"])
+                                     for i in items) if p]  # fmt: skip
+            self.reply(200, {"kind": "List", "items": items})
             return
+        if len(parts) in (6, 7) and parts[4] == "pods":
+            pod = self.pod(parts[3], parts[5])
+            if pod is not None and len(parts) == 6:
+                self.reply(200, pod)
+                return
+            if pod is not None and parts[6] in ("log", "portforward"):
+                streaming.serve(self, parts[6], pod, parse_qs(url.query))
+                return
         if len(parts) == 6 and parts[4] in ("configmaps", "secrets"):
             for obj in read(parts[4]):
                 if obj["metadata"]["name"] == parts[5]:
@@ -80,4 +108,4 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()

@@ -31,8 +31,8 @@ from kubernetes.stream.ws_client import WSClient
 from websocket import ABNF
 
 from tests.doubles.node import podspec
+from tests.doubles.node import websocket as ws
 from tests.doubles.outer import DIND_IMAGE, OuterCluster, OuterClusterError
-from tests.doubles.outer import websocket as ws
 from tests.doubles.outer.kubelet import expand, normalize_image
 
 NS = "kipik-test"

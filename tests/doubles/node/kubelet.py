@@ -56,8 +56,8 @@ if __package__:
     from . import runtime as rt
 else:  # run as /kipik-node/kubelet.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import imagestore  # type: ignore[no-redef]
-    import runtime as rt  # type: ignore[no-redef]
+    import imagestore  # type: ignore[import-not-found,no-redef]
+    import runtime as rt  # type: ignore[import-not-found,no-redef]
 
 JSON = dict[str, Any]
 
@@ -298,15 +298,20 @@ class Instance:
         return self.process is not None and self.exit_code is None
 
 
-def run_container_process(spec: JSON, log_path: Path, log_lock: threading.Lock) -> tuple[
-    subprocess.Popen[bytes] | None, str, list[threading.Thread]
-]:
+def run_container_process(
+    spec: JSON, log_path: Path, log_lock: threading.Lock
+) -> tuple[subprocess.Popen[bytes] | None, str, list[threading.Thread]]:
     """Start the container init helper; (process, start error, log reader threads)."""
     read_fd, write_fd = os.pipe()
     try:
         process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--run-container",
-             json.dumps(spec), str(write_fd)],  # fmt: skip
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--run-container",
+                json.dumps(spec),
+                str(write_fd),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -360,7 +365,10 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> N
     global _libc  # noqa: PLW0603
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    encode = (lambda s: s.encode() if s is not None else None)  # noqa: E731
+
+    def encode(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
     if _libc.mount(encode(source), target.encode(), encode(fstype), flags, None) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
@@ -541,7 +549,7 @@ class PodWorker:
             while not self.stop.is_set():
                 try:
                     self.sync()
-                except Exception:  # noqa: BLE001 - one bad sync must not kill the pod's worker
+                except Exception:
                     log(f"sync of pod {format_pod(self.pod)} failed:\n{traceback.format_exc()}")
                 self.push_status()
                 self.wake.wait(0.25)
@@ -724,7 +732,7 @@ class PodWorker:
             if optional:
                 return None
             raise CreateConfigError(
-                f'couldn\'t find key {key} in {"ConfigMap" if kind == "configmap" else "Secret"} '
+                f"couldn't find key {key} in {'ConfigMap' if kind == 'configmap' else 'Secret'} "
                 f"{self.namespace}/{ref.get('name', '')}"
             )
         value = str(data[key])
@@ -768,18 +776,18 @@ class PodWorker:
             if "value" in item:
                 env[name] = rt.expand(str(item.get("value") or ""), env)
                 continue
-            source = item.get("valueFrom") or {}
-            value: str | None = ""
-            if "fieldRef" in source:
-                value = self.field_value(str(source["fieldRef"].get("fieldPath", "")))
-            elif "configMapKeyRef" in source:
-                value = self.key_ref("configmaps", source["configMapKeyRef"])
-            elif "secretKeyRef" in source:
-                value = self.key_ref("secrets", source["secretKeyRef"])
-            elif "resourceFieldRef" in source:
-                value = "0"
-            if value is not None:
-                env[name] = value
+            value_from = item.get("valueFrom") or {}
+            found: str | None = ""
+            if "fieldRef" in value_from:
+                found = self.field_value(str(value_from["fieldRef"].get("fieldPath", "")))
+            elif "configMapKeyRef" in value_from:
+                found = self.key_ref("configmaps", value_from["configMapKeyRef"])
+            elif "secretKeyRef" in value_from:
+                found = self.key_ref("secrets", value_from["secretKeyRef"])
+            elif "resourceFieldRef" in value_from:
+                found = "0"
+            if found is not None:
+                env[name] = found
         return env
 
     def start(self, state: ContainerState, image: JSON, env: dict[str, str]) -> None:
@@ -815,22 +823,22 @@ class PodWorker:
                 shutil.copyfile(source, target)
         mounts: list[tuple[str, str, bool]] = [("/dev", "/dev", False)]
         for mount in state.spec.get("volumeMounts") or []:
-            source = self.mounts.get(str(mount.get("name")))
-            if source is None:
+            volume = self.mounts.get(str(mount.get("name")))
+            if volume is None:
                 continue
             if mount.get("subPath"):
-                source = os.path.join(source, str(mount["subPath"]))
-                if not os.path.exists(source):
-                    os.makedirs(source, exist_ok=True)
-            mounts.append((source, str(mount["mountPath"]), bool(mount.get("readOnly"))))
+                volume = os.path.join(volume, str(mount["subPath"]))
+                if not os.path.exists(volume):
+                    os.makedirs(volume, exist_ok=True)
+            mounts.append((volume, str(mount["mountPath"]), bool(mount.get("readOnly"))))
         security = state.spec.get("securityContext") or {}
         pod_security = self.pod["spec"].get("securityContext") or {}
         uid = security.get("runAsUser", pod_security.get("runAsUser"))
         gid = security.get("runAsGroup", pod_security.get("runAsGroup"))
         if uid is None and image_config.get("User"):
             user = str(image_config["User"])
-            if user.split(":")[0].isdigit():
-                uid = int(user.split(":")[0])
+            if user.split(":", maxsplit=1)[0].isdigit():
+                uid = int(user.split(":", maxsplit=1)[0])
         workdir = str(state.spec.get("workingDir") or image_config.get("WorkingDir") or "/")
         restart = state.restart_count + (1 if state.instances else 0)
         log_dir = self.log_dir / state.name
@@ -989,8 +997,8 @@ class PodWorker:
                         )
                     files[str(item["path"])] = (data[key], int(item.get("mode") or default_mode))
             else:
-                for key, value in data.items():
-                    files[key] = (value, default_mode)
+                for key, content in data.items():
+                    files[key] = (content, default_mode)
         return files
 
     # -- probes --------------------------------------------------------------------------------
@@ -1077,7 +1085,7 @@ class PodWorker:
             url = f"{scheme}://{host}:{port}{path}"
             conn: http.client.HTTPConnection
             if scheme == "https":
-                context = ssl._create_unverified_context()  # noqa: S323 - as the kubelet does
+                context = ssl._create_unverified_context()
                 conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -1105,9 +1113,9 @@ class PodWorker:
                 return int(declared["containerPort"])
         return 0
 
-    def exec_probe(self, state: ContainerState, command: list[str], timeout: float) -> tuple[
-        bool, str
-    ]:
+    def exec_probe(
+        self, state: ContainerState, command: list[str], timeout: float
+    ) -> tuple[bool, str]:
         current = state.current
         if current is None:
             return False, ""
@@ -1123,8 +1131,13 @@ class PodWorker:
         read_fd, write_fd = os.pipe()
         try:
             process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--run-container",
-                 json.dumps(spec), str(write_fd)],  # fmt: skip
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--run-container",
+                    json.dumps(spec),
+                    str(write_fd),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -1158,10 +1171,8 @@ class PodWorker:
         pid = instance.process.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             instance.process.wait(timeout=max(grace, 0.0) or 0.01)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1263,9 +1274,7 @@ class PodWorker:
             return "Running"
         if not all(s.current is not None for s in self.apps):
             return "Pending"
-        finished = all(
-            s.current is not None and s.current.exit_code is not None for s in self.apps
-        )
+        finished = all(s.current is not None and s.current.exit_code is not None for s in self.apps)
         if policy == "Always":
             return "Running" if all(s.instances for s in self.apps) else "Pending"
         if finished:
@@ -1676,8 +1685,8 @@ class Kubelet:
                 log(f"pod {format_pod(worker.pod)} is gone: stopping it")
                 threading.Thread(target=worker.terminate, daemon=True).start()
         for uid, pod in pods.items():
-            worker = self.workers.get(uid)
-            if worker is None:
+            known = self.workers.get(uid)
+            if known is None:
                 if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     continue  # finished before this kubelet started
                 worker = PodWorker(self, pod)
@@ -1685,6 +1694,7 @@ class Kubelet:
                 log(f"pod {format_pod(pod)} added")
                 worker.thread.start()
             else:
+                worker = known
                 with worker.lock:
                     worker.pod["metadata"] = pod["metadata"]
                     worker.pod["status"] = pod.get("status") or {}

@@ -48,7 +48,7 @@ def expand(text: str, env: dict[str, str]) -> str:
                 out.append(text[i:])
                 break
             name = text[i + 2 : end]
-            out.append(env[name] if name in env else f"$({name})")
+            out.append(env.get(name, f"$({name})"))
             i = end + 1
         else:
             out.append(char + following)
@@ -134,10 +134,8 @@ class BackOff:
 
     def next(self, key: str, now: float) -> None:
         delay, at = self.entries.get(key, (0.0, 0.0))
-        if not delay or now - at > 2 * self.cap:
-            delay = self.initial
-        else:
-            delay = min(delay * 2, self.cap)
+        fresh = not delay or now - at > 2 * self.cap
+        delay = self.initial if fresh else min(delay * 2, self.cap)
         self.entries[key] = (delay, now)
 
     def get(self, key: str) -> float:
@@ -440,11 +438,11 @@ def apply_layer(layer: tarfile.TarFile, root: str) -> None:
         if not parts or not link_parts:
             continue
         target = os.path.join(resolve_in_root(root, "/".join(parts[:-1])), parts[-1])
-        source = resolve_in_root(root, "/".join(link_parts), follow_last=False)
+        linked = resolve_in_root(root, "/".join(link_parts), follow_last=False)
         if os.path.lexists(target):
             _remove(target)
-        if os.path.lexists(source):
-            os.link(source, target, follow_symlinks=False)
+        if os.path.lexists(linked):
+            os.link(linked, target, follow_symlinks=False)
 
 
 def _chown(path: str, member: tarfile.TarInfo) -> None:

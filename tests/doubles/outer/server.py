@@ -27,7 +27,6 @@ import contextlib
 import copy
 import ctypes
 import datetime
-import functools
 import json
 import os
 import re
@@ -36,7 +35,6 @@ import select
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -53,8 +51,8 @@ import docker
 import docker.errors
 import docker.types
 
+from tests.doubles.node import websocket as ws
 from tests.doubles.node.apiserver import ApiError, label_selector_matcher, wants_table
-from tests.doubles.outer import websocket as ws
 from tests.doubles.outer.cluster import (
     KUBERNETES_VERSION,
     Cluster,
@@ -1124,27 +1122,10 @@ class Handler(BaseHTTPRequestHandler):
         name = pod["metadata"]["name"]
         if not pod["spec"].get("nodeName"):
             raise bad_request(f"pod {name} does not have a host assigned")
-        ports: list[int] = []
-        values = query.get("ports") or []
-        if not values:
-            self._refuse(400, 'query parameter "port" is required')
-        for value in values:
-            if not value:
-                self._refuse(400, 'query parameter "port" cannot be empty')
-            for part in value.split(","):
-                try:
-                    number = int(part)
-                    if not 0 <= number <= 65535 or not part.isdigit():
-                        raise ValueError(part)
-                except ValueError:
-                    self._refuse(
-                        400,
-                        f'unable to parse "{value}" as a port: strconv.ParseUint: parsing '
-                        f'"{part}": invalid syntax',
-                    )
-                if number < 1:
-                    self._refuse(400, f'port "{value}" must be > 0')
-                ports.append(number)
+        try:
+            ports = ws.forward_ports(query)
+        except ws.Refusal as refusal:
+            self._refuse(refusal.code, refusal.text)
         worker = self.double.kubelet.worker(pod["metadata"]["uid"])
         if (
             worker is None
@@ -1489,20 +1470,9 @@ class Double:
                 pid = int(
                     self.docker.api.inspect_container(worker.container_id)["State"].get("Pid") or 0
                 )
-        for index, port in enumerate(ports):
-            prefix = struct.pack("<H", port)
-            session.send(2 * index, prefix)
-            session.send(2 * index + 1, prefix)
-        endpoints: dict[int, ws.Endpoint] = {}
-        done: set[int] = set()
         sandbox = worker.container_id or worker.uid
 
-        def finish(index: int) -> None:
-            done.add(index)
-            if len(done) == len(ports):
-                session.finished = True
-
-        for index, port in enumerate(ports):
+        def connect(port: int) -> socket.socket:
             try:
                 if not pid:
                     raise ConnectionRefusedError(
@@ -1510,42 +1480,18 @@ class Double:
                         f"127.0.0.1:{port}: connect: connection refused IPv6 dial tcp6 "
                         f"[::1]:{port}: connect: connection refused "
                     )
-                sock = connect_in_netns(pid, port, worker.ip)
+                return connect_in_netns(pid, port, worker.ip)
             except OSError as exc:
                 detail = str(exc).replace("inside namespace,", f'inside namespace "{sandbox}",')
-                message = (
+                raise ws.ForwardError(
                     f"error forwarding port {port} to pod {sandbox}, uid : failed to execute "
                     f'portforward in network namespace "/var/run/netns/cni-{worker.uid}": {detail}'
-                )
-                session.send(2 * index + 1, message.encode())
-                finish(index)
-                continue
-            endpoints[index] = ws.Endpoint(sock, functools.partial(session.send, 2 * index))
-        session.endpoints = list(endpoints.values())
-        by_endpoint = {id(e): i for i, e in endpoints.items()}
+                ) from exc
 
-        def on_message(channel: int, data: bytes) -> None:
-            index = channel // 2
-            endpoint = endpoints.get(index)
-            if channel % 2 == 0 and endpoint is not None and index not in done:
-                endpoint.outbuf += data
+        def stream_error(port: int, error: OSError) -> str:
+            return f"error forwarding port {port} to pod {sandbox}, uid : {error}"
 
-        def on_eof(endpoint: ws.Endpoint) -> None:
-            index = by_endpoint[id(endpoint)]
-            if endpoint.error is not None and not isinstance(endpoint.error, ConnectionResetError):
-                session.send(
-                    2 * index + 1,
-                    f"error forwarding port {ports[index]} to pod {sandbox}, uid : "
-                    f"{endpoint.error}".encode(),
-                )
-            endpoint.close()
-            finish(index)
-
-        session.on_message = on_message
-        session.on_endpoint_eof = on_eof
-        if len(done) == len(ports):
-            session.finished = True
-        session.run()
+        ws.run_portforward(session, ports, connect, stream_error)
 
 
 def sweep(client: docker.DockerClient, instance: str, log: Callable[[str], None]) -> None:

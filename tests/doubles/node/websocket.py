@@ -1,12 +1,14 @@
 """TEST DOUBLE support: the server side of RFC 6455 WebSockets and Kubernetes' channel protocols.
 
-Part of the outer-cluster double (a fake kube-apiserver + kubelet backed by the local Docker
-engine). Kubernetes streams exec and port-forward sessions over a WebSocket whose subprotocol
-(`v4.channel.k8s.io`, `v5.channel.k8s.io`) prefixes every binary message with one channel byte
-(staging/src/k8s.io/apimachinery/pkg/util/httpstream/wsstream/conn.go). This module does the
-handshake, frame encoding and decoding, and a single-threaded relay loop between the client's
-TLS socket and plain sockets (a Docker exec stream, TCP connections into a pod), with bounded
-buffers in both directions so that large transfers neither stall nor grow without limit.
+Shared by the outer-cluster double (a fake kube-apiserver + kubelet backed by the local Docker
+engine) and the node image double's API server (`streaming.py`); stdlib only, as everything
+under tests/doubles/node. Kubernetes streams exec and port-forward sessions over a WebSocket
+whose subprotocol (`v4.channel.k8s.io`, `v5.channel.k8s.io`) prefixes every binary message with
+one channel byte (staging/src/k8s.io/apimachinery/pkg/util/httpstream/wsstream/conn.go). This
+module does the handshake, frame encoding and decoding, a single-threaded relay loop between the
+client's TLS socket and plain sockets (a Docker exec stream, TCP connections into a pod), with
+bounded buffers in both directions so that large transfers neither stall nor grow without limit,
+and the port-forward protocol on top of it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import hashlib
 import select
 import socket
@@ -192,7 +195,7 @@ class Session:
     last frames) to end the session with a close frame.
     """
 
-    def __init__(self, tls: ssl.SSLSocket, protocol: str) -> None:
+    def __init__(self, tls: ssl.SSLSocket | socket.socket, protocol: str) -> None:
         self.tls = tls
         self.protocol = protocol
         self.parser = FrameParser()
@@ -255,7 +258,7 @@ class Session:
         tls_events = 0
         read_client = not self.client_closed and self._pending_to_endpoints() < BUFFER_LIMIT
         if read_client:
-            if self.tls.pending():
+            if isinstance(self.tls, ssl.SSLSocket) and self.tls.pending():
                 self._read_client()
                 return
             tls_events |= select.POLLIN
@@ -399,3 +402,95 @@ class DockerStreamDemux:
             consumed = start + size
         if consumed:
             del buf[:consumed]
+
+
+# -- port-forward (the kubelet's v4 WebSocket protocol), shared by both API server doubles ---------
+class Refusal(Exception):
+    """An answer before the upgrade: a bare text body with an HTTP code, as a kubelet writes."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class ForwardError(Exception):
+    """A port that cannot be forwarded; the message goes on that port's error channel."""
+
+
+def forward_ports(query: dict[str, list[str]]) -> list[int]:
+    """The `ports` query parameter(s) of a port-forward request, parsed as the kubelet does."""
+    ports: list[int] = []
+    values = query.get("ports") or []
+    if not values:
+        raise Refusal(400, 'query parameter "port" is required')
+    for value in values:
+        if not value:
+            raise Refusal(400, 'query parameter "port" cannot be empty')
+        for part in value.split(","):
+            if not part.isdigit() or int(part) > 65535:
+                raise Refusal(
+                    400,
+                    f'unable to parse "{value}" as a port: strconv.ParseUint: parsing "{part}": '
+                    "invalid syntax",
+                )
+            if int(part) < 1:
+                raise Refusal(400, f'port "{value}" must be > 0')
+            ports.append(int(part))
+    return ports
+
+
+def run_portforward(
+    session: Session,
+    ports: list[int],
+    connect: Callable[[int], socket.socket],
+    stream_error: Callable[[int, OSError], str],
+) -> None:
+    """Serve one port-forward WebSocket: two channels per port (data 2i, error 2i+1).
+
+    The first message of every channel is its port, 2 bytes little-endian. `connect(port)`
+    opens the connection into the pod or raises ForwardError with the text for the error
+    channel; `stream_error(port, exc)` words a failure in the middle of the stream. The session
+    ends (close frame) once every port's connection has ended.
+    """
+    for index, port in enumerate(ports):
+        prefix = struct.pack("<H", port)
+        session.send(2 * index, prefix)
+        session.send(2 * index + 1, prefix)
+    endpoints: dict[int, Endpoint] = {}
+    done: set[int] = set()
+
+    def finish(index: int) -> None:
+        done.add(index)
+        if len(done) == len(ports):
+            session.finished = True
+
+    for index, port in enumerate(ports):
+        try:
+            sock = connect(port)
+        except ForwardError as exc:
+            session.send(2 * index + 1, str(exc).encode())
+            finish(index)
+            continue
+        endpoints[index] = Endpoint(sock, functools.partial(session.send, 2 * index))
+    session.endpoints = list(endpoints.values())
+    by_endpoint = {id(e): i for i, e in endpoints.items()}
+
+    def on_message(channel: int, data: bytes) -> None:
+        index = channel // 2
+        endpoint = endpoints.get(index)
+        if channel % 2 == 0 and endpoint is not None and index not in done:
+            endpoint.outbuf += data
+
+    def on_eof(endpoint: Endpoint) -> None:
+        index = by_endpoint[id(endpoint)]
+        if endpoint.error is not None and not isinstance(endpoint.error, ConnectionResetError):
+            session.send(2 * index + 1, stream_error(ports[index], endpoint.error).encode())
+        endpoint.close()
+        finish(index)
+
+    session.on_message = on_message
+    session.on_endpoint_eof = on_eof
+    if len(done) == len(ports):
+        session.finished = True
+    session.run()
