@@ -343,7 +343,7 @@ def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
     try:
         cluster = factory.create(name, nodes=args.nodes)
     except BaseException:
-        _undo_up(factory.backend, name)
+        _undo_up(factory.backend, name, factory.run_id)
         factory.close()
         raise
     cluster.close()  # kept: only its client is closed
@@ -374,12 +374,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _undo_up(backend: Backend, name: str) -> None:
-    """Remove what a failed ``up`` made (kept clusters are not undone by the factory)."""
+def _undo_up(backend: Backend, name: str, run_id: str) -> None:
+    """Remove what a failed ``up`` made (kept clusters are not undone by the factory).
+
+    Only this run's resources: a name clash must never remove the cluster it clashed with.
+    """
     try:
-        cluster = find_clusters(backend).get(name)
-        if cluster is not None:
-            remove_cluster(backend, cluster)
+        found = find_clusters(backend).get(name)
+        ours = [r for r in (found.resources if found else []) if r.labels.get(lbl.RUN_ID) == run_id]
+        if ours:
+            remove_cluster(backend, FoundCluster(name, ours))
             stderr_reporter(f"kipik {name}: removed after the failure")
     except Exception as exc:  # the error that got us here wins
         stderr_reporter(f"kipik {name}: could not remove it after the failure: {exc}")

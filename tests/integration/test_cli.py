@@ -90,6 +90,12 @@ def test_up_ls_shell_logs_down(
         assert f"kipik {name}: kind create (" in up.stderr  # progress goes to stderr
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
+        again = kipik(cli_env, "up", "--name", name, timeout=60)
+        assert again.returncode == 1
+        assert f"a container named {name}-dind already exists" in again.stderr
+        assert again.stdout == ""
+        assert path.is_file()  # the clash removed nothing of the first cluster
+
         rows = [r for r in _ls(cli_env) if r["name"] == name]
         assert len(rows) == 1, rows
         row = rows[0]
