@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client as k8s_client
+from kubernetes.client.exceptions import ApiException
 
 _TIMEOUT = 10
 _HEALTHY = ("Running", "Succeeded")
@@ -110,8 +111,11 @@ def event_lines(events: list[dict[str, Any]], limit: int) -> list[str]:
 def _section(title: str, collect: Callable[[], list[str]]) -> str:
     try:
         lines = collect()
-    except Exception as exc:  # one collector's failure is reported, never raised
-        return f"{title}: could not be read: {type(exc).__name__}: {str(exc)[:300]}"
+    except ApiException as exc:  # one collector's failure is reported, never raised
+        return f"{title}: could not be read: HTTP {exc.status} {exc.reason}"
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        return f"{title}: could not be read: {type(exc).__name__}: {first[:300]}"
     return f"{title}:\n" + ("\n".join(f"  {line}" for line in lines) if lines else "  (none)")
 
 
