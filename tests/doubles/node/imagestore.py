@@ -1,7 +1,9 @@
-"""TEST DOUBLE: the node's image store behind the crictl and ctr doubles.
+"""TEST DOUBLE: the node's image store behind the crictl and ctr doubles and the kubelet.
 
-Archives imported with `ctr images import` (what `kind load docker-image` streams in) are kept
-under /kind/images with an index of image ID -> repository tags, as containerd would report them.
+Archives imported with `ctr images import` (what `kind load docker-image` and `kind load
+image-archive` stream in: `docker save` archives, legacy or OCI-based, and OCI image layouts) are
+kept under /kind/images as <image id>.tar with an index of image ID -> repository tags, as
+containerd would report them; the kubelet double unpacks them from there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
+
+if __package__:
+    from . import runtime
+else:  # run from /kipik-node/ by the ctr, crictl and kubelet doubles
+    import runtime  # type: ignore[import-not-found,no-redef]
 
 STORE = Path(os.environ.get("KIPIK_IMAGE_STORE", "/kind/images"))
 INDEX = STORE / "index.json"
@@ -68,14 +75,11 @@ def import_archive(stream: Any) -> list[tuple[str, str]]:
     imported: list[tuple[str, str]] = []
     try:
         with tarfile.open(part.name) as archive:
-            member = archive.extractfile("manifest.json")
-            if member is None:
-                raise ValueError("manifest.json is not a file")
-            manifest = json.load(member)
+            archived = runtime.read_archive(archive)
         images = load_index()
-        for entry in manifest:
-            image_id = "sha256:" + entry["Config"].split("/")[-1].removesuffix(".json")
-            tags = [normalize(t) for t in entry.get("RepoTags") or []]
+        for entry in archived:
+            image_id = entry.image_id
+            tags = [normalize(t) for t in entry.names]
             for image in images:
                 image["repoTags"] = [t for t in image["repoTags"] if t not in tags]
             existing = next((i for i in images if i["id"] == image_id), None)
@@ -85,8 +89,9 @@ def import_archive(stream: Any) -> list[tuple[str, str]]:
                 images.append(existing)
             existing["repoTags"] = sorted(set(existing["repoTags"]) | set(tags))
             existing["size"] = os.path.getsize(part.name)
-            if not archive_path.exists():
-                os.link(part.name, archive_path)
+            if archive_path.exists():
+                archive_path.unlink()  # the newest import is what the kubelet unpacks
+            os.link(part.name, archive_path)
             imported += [(t, image_id) for t in tags] or [(image_id, image_id)]
         save_index(images)
     finally:
