@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +33,7 @@ from pytest_kipik.process import CommandResult, run
 from pytest_kipik.progress import Reporter, log, phase, stderr_reporter
 from pytest_kipik.sharing import LEASE_PATH, Lease, Record, Session
 from pytest_kipik.signals import deferred_interrupts
+from pytest_kipik.waiting import NotYet, wait_until
 
 
 class NestedCluster:
@@ -859,8 +860,13 @@ class ClusterFactory:
                 clusters = [make(first, ports[0])]
             else:
                 with ThreadPoolExecutor(len(names), thread_name_prefix="kipik-create") as pool:
-                    futures = [
-                        pool.submit(make, n, port) for n, port in zip(names, ports, strict=True)
+                    futures = [pool.submit(make, first, ports[0])]
+                    # concurrent creates of the docker network kind uses can make two of that
+                    # name (a Docker race): the others start once the first one's network exists
+                    self._network_made(host, futures[0], deadline)
+                    futures += [
+                        pool.submit(make, n, port)
+                        for n, port in zip(names[1:], ports[1:], strict=True)
                     ]
                     wait(futures)
                     clusters = [f.result() for f in futures]  # the first failure is raised
@@ -875,6 +881,24 @@ class ClusterFactory:
                         cluster.load_image(*self.config.load_images, timeout=left())
             undo.pop_all()
         return clusters
+
+    def _network_made(self, host: Host, first: Future[NestedCluster], deadline: float) -> None:
+        """Wait until kind's network exists in ``host`` (or the first create ended)."""
+
+        def made() -> None:
+            if first.done():
+                return
+            found = host.exec(["docker", "network", "inspect", kind.NETWORK], timeout=30)
+            if found.exit_code != 0:
+                raise NotYet(f"no docker network {kind.NETWORK!r} yet")
+
+        wait_until(
+            made,
+            what=f"kind's docker network {kind.NETWORK!r} in {host.name}",
+            timeout=max(deadline - time.monotonic(), 1.0),
+            hint="the first kind create makes it; look at the daemon log",
+            interval=0.2,
+        )
 
     def _kind_cluster(
         self,

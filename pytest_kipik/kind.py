@@ -26,6 +26,8 @@ KIND = "Cluster"
 #: The address and port kind publishes the API server on inside the host.
 API_SERVER_ADDRESS = "0.0.0.0"
 API_SERVER_PORT = 6443
+#: The docker network kind puts every cluster's nodes on (in the host).
+NETWORK = "kind"
 #: Where kipik keeps its files inside the host.
 HOST_DIR = "/kipik"
 
