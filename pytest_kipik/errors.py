@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
+
+
+def status_message(body: object) -> str | None:
+    """The ``message`` of a Kubernetes ``Status`` in an API error's body; None when it has none."""
+    try:
+        parsed = json.loads(str(body or ""))
+    except ValueError:
+        return None
+    return str(parsed["message"]) if isinstance(parsed, dict) and "message" in parsed else None
 
 
 class KipikError(Exception):

@@ -7,7 +7,6 @@ their CRD is established.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from pytest_kipik.errors import ConfigError, KipikError
+from pytest_kipik.errors import ConfigError, KipikError, status_message
 from pytest_kipik.waiting import NotYet, wait_until
 
 #: What :meth:`Manifests.apply` takes: an object, YAML text, a file or folder, or a list of them.
@@ -406,8 +405,7 @@ class Manifests:
 
 def _reason(exc: ApiException) -> str:
     """The API's message for a failed call (the Status ``message``, else the body)."""
-    try:
-        body = json.loads(exc.body or "")
-        return f"HTTP {exc.status}: {body.get('message') or body}"
-    except (ValueError, AttributeError):
-        return f"HTTP {exc.status} {exc.reason}: {str(exc.body)[:300]}"
+    message = status_message(exc.body)
+    if message is not None:
+        return f"HTTP {exc.status}: {message}"
+    return f"HTTP {exc.status} {exc.reason}: {str(exc.body)[:300]}"

@@ -39,6 +39,7 @@ from pytest_kipik.errors import (
     NameClashError,
     OuterClusterError,
     ReadinessTimeout,
+    status_message,
 )
 from pytest_kipik.hosts.base import (
     SERVICE_ACCOUNT_DIR,
@@ -69,11 +70,7 @@ _EXEC_STATUS_CHANNEL = 3
 
 def _api_failure(exc: ApiException, verb: str, resource: str, namespace: str) -> OuterClusterError:
     """A precise error for a refused outer API call (RBAC, Pod Security, anything else)."""
-    body = exc.body or ""
-    try:
-        message = str(json.loads(body).get("message", body))
-    except (ValueError, AttributeError):
-        message = str(body)
+    message = status_message(exc.body) or str(exc.body or "")
     if exc.status == 403 and "PodSecurity" in message:
         return OuterClusterError(
             f"the outer cluster's Pod Security admission refused the privileged DinD pod in "
