@@ -10,13 +10,14 @@ taken in one run is the figure).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from time_to_ready import bench_arguments
 
 from pytest_kipik import ClusterFactory, KipikConfig
 
@@ -26,12 +27,7 @@ def _quiet(line: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--image", default="kipik-test/dind:dev", help="the DinD image")
-    parser.add_argument("--node-image", default="kipik-test/node:dev", help="the node image")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser = bench_arguments(__doc__)
     parser.add_argument("--count", type=int, default=3, help="connected clusters (default 3)")
     args = parser.parse_args()
     config = KipikConfig(image=args.image, node_image=args.node_image, timeout=600)

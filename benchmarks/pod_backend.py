@@ -12,7 +12,6 @@ throughput through exec and the ratio of pod to docker time to ready.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the outer-cluster double in tests/
 
-from time_to_ready import phase_times  # the same measurement as the docker benchmark
+from time_to_ready import bench_arguments, phase_times  # as the docker benchmark measures
 
 from pytest_kipik import KipikConfig
 from tests.doubles.outer import OuterCluster
@@ -31,12 +30,7 @@ NAMESPACE = "kipik-bench"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--image", default="kipik-test/dind:dev", help="the DinD image")
-    parser.add_argument("--node-image", default="kipik-test/node:dev", help="the node image")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser = bench_arguments(__doc__)
     args = parser.parse_args()
     engine = docker.from_env()
     size_mb = engine.images.get(args.node_image).attrs["Size"] / 1e6

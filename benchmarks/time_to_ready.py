@@ -119,13 +119,17 @@ def phase_times(config: KipikConfig) -> dict[str, float]:
     return times
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def bench_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: the DinD image, the node image, the rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--image", default="kipik-test/dind:dev", help="the DinD image")
     parser.add_argument("--node-image", default="kipik-test/node:dev", help="the node image")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    return parser
+
+
+def main() -> int:
+    parser = bench_arguments(__doc__)
     args = parser.parse_args()
     hand: list[dict[str, float]] = []
     kipik: list[dict[str, float]] = []
