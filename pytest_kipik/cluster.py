@@ -174,8 +174,8 @@ class NestedCluster:
         connections work at once and a dropped stream or a replaced pod costs only the
         connections in flight. Yields the forwarder (``.local_port``); closed on leaving.
         """
-        resolve = forward_resolver(self.api_client, namespace, target, remote_port)
         try:
+            resolve = forward_resolver(self.api_client, namespace, target, remote_port)
             resolve()  # a wrong name or port fails here, not on the first connection
         except (ApiException, ValueError, KipikError) as exc:
             raise KipikError(
