@@ -255,6 +255,9 @@ def _reporter(config: pytest.Config) -> Reporter:
 
     def report(line: str) -> None:
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            writer = getattr(terminal, "_tw", None)
+            if getattr(writer, "width_of_current_line", 0):  # after progress dots: a new line
+                terminal.write("\n")
             terminal.write_line(line)
             terminal.flush()  # progress must show as it happens, also when piped (CI logs)
 
