@@ -122,7 +122,9 @@ def test_port_forward_errors_name_the_target(cluster: NestedCluster) -> None:
         cluster.port_forward("job/x", 80).__enter__()
 
 
-def test_connected_clusters_reach_each_others_api_servers(factory: ClusterFactory) -> None:
+def test_connected_clusters_reach_each_others_api_servers(
+    factory: ClusterFactory, docker_client: docker.DockerClient
+) -> None:
     east, west = factory.create_connected(names=["east", "west"])
     assert east.host is west.host
     # from west's node: east's API server, verified with east's internal kubeconfig
@@ -147,6 +149,8 @@ def test_connected_clusters_reach_each_others_api_servers(factory: ClusterFactor
     assert east.core_v1.list_node().items
     names = east.host.exec(["docker", "ps", "--format", "{{.Names}}"], timeout=30).stdout.split()
     assert names == ["east-control-plane"]
+    east.close()  # the last of them: the host goes
+    assert not docker_client.containers.list(all=True, filters={"name": "^east-dind$"})
 
 
 MODULE_WITH_MARKER = """
@@ -168,7 +172,7 @@ def test_one_node(nested_cluster):
 
 def test_namespace_failure_is_explained(nested_namespace):
     nested_namespace.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
-                            "data": {"ready": "no"}})
+                            "data": {"ready": "no"}}, server_side=False)
     assert nested_namespace.name.startswith("test-namespace-failure-is-explained-")
     nested_namespace.wait_for("ConfigMap", "c", condition=lambda c: c["data"]["ready"] == "yes",
                               timeout=2)
