@@ -16,6 +16,7 @@ import base64
 import contextlib
 import copy
 import datetime
+import importlib
 import json
 import os
 import random
@@ -26,29 +27,35 @@ import string
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+try:  # in the repository (tests, mypy)
+    from tests.doubles.node import controllers, podspec, resources
+    from tests.doubles.node.resources import Resource
+except ImportError:  # in the node image: /kipik-node/*.py next to this script
+    import controllers  # type: ignore[import-not-found,no-redef]
+    import podspec  # type: ignore[import-not-found,no-redef]
+    import resources  # type: ignore[import-not-found,no-redef]
+    from resources import Resource  # type: ignore[import-not-found,no-redef]
+
 JSON = dict[str, Any]
 
-NAMESPACED = {
-    "configmaps": ("ConfigMap", "configmap", "cm"),
-    "secrets": ("Secret", "secret", ""),
-    "serviceaccounts": ("ServiceAccount", "serviceaccount", "sa"),
-}
-CLUSTER_SCOPED = {
-    "namespaces": ("Namespace", "namespace", "ns"),
-    "nodes": ("Node", "node", "no"),
-}
-VERBS = ["create", "delete", "get", "list", "patch", "update"]
 INITIAL_NAMESPACES = ["default", "kube-node-lease", "kube-public", "kube-system"]
 SERVICE_ACCOUNT_DELAY = 1.0
 NODE_READY_DELAY = 1.5
 NAMESPACE_FINALIZE_DELAY = 0.5
 READYZ_STARTUP = 0.5
+CRD_NAMES_ACCEPTED_DELAY = 0.05
+CRD_ESTABLISHED_DELAY = 0.3
+CONTROLLER_PERIOD = 0.05
+NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what generateName and controllers draw from
+METHOD_NOT_ALLOWED = "the server does not allow this method on the requested resource"
 
 
 class ApiError(Exception):
@@ -75,21 +82,61 @@ class ApiError(Exception):
         body["code"] = self.code
         return body
 
+    @classmethod
+    def from_status(cls, status: JSON) -> ApiError:
+        return cls(status["code"], status["reason"], status["message"], status.get("details"))
 
-def not_found(resource: str, name: str) -> ApiError:
+
+def invalid(res: Resource, name: str, errors: list[podspec.FieldError]) -> ApiError:
+    """422 Invalid with one cause per field error, as kube-apiserver words it."""
+    status = podspec.invalid_status(res.qualified_kind, name, errors)
+    if res.group:
+        status["details"]["group"] = res.group
+        status["details"]["kind"] = res.kind
+    return ApiError.from_status(status)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message, {})
+
+
+def random_suffix(length: int = 5) -> str:
+    return "".join(random.choices(NAME_CHARS, k=length))
+
+
+def _details(group_resource: str, name: str) -> JSON:
+    plural, _, group = group_resource.partition(".")
+    details: JSON = {"name": name}
+    if group:
+        details["group"] = group
+    details["kind"] = plural
+    return details
+
+
+def not_found(group_resource: str, name: str) -> ApiError:
+    """404 for `pods "x"` or `deployments.apps "x"`."""
     return ApiError(
-        404, "NotFound", f'{resource} "{name}" not found', {"name": name, "kind": resource}
+        404, "NotFound", f'{group_resource} "{name}" not found', _details(group_resource, name)
     )
 
 
-def conflict(resource: str, name: str) -> ApiError:
+def already_exists(group_resource: str, name: str) -> ApiError:
+    return ApiError(
+        409,
+        "AlreadyExists",
+        f'{group_resource} "{name}" already exists',
+        _details(group_resource, name),
+    )
+
+
+def conflict(group_resource: str, name: str) -> ApiError:
     """409 for an update whose resourceVersion is not the stored one."""
     return ApiError(
         409,
         "Conflict",
-        f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
+        f'Operation cannot be fulfilled on {group_resource} "{name}": the object has been '
         "modified; please apply your changes to the latest version and try again",
-        {"name": name, "kind": resource},
+        _details(group_resource, name),
     )
 
 
@@ -238,26 +285,142 @@ def label_selector_matcher(selector: str) -> Callable[[dict[str, str]], bool]:
     return matches
 
 
-def field_selector_matcher(selector: str) -> Callable[[JSON], bool]:
-    """Support metadata.name and metadata.namespace (=, ==, !=), as every resource does."""
+def field_selector_matcher(selector: str, group_resource: str = "") -> Callable[[JSON], bool]:
+    """metadata.name/metadata.namespace everywhere, plus the fields the resource declares."""
+    extra = resources.FIELD_LABELS.get(group_resource, ())
     requirements: list[tuple[str, bool, str]] = []
     for term in _split_selector(selector):
-        match = re.match(r"^\s*(metadata\.name|metadata\.namespace)\s*(==|=|!=)\s*(.*?)\s*$", term)
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*(==|=|!=)\s*(.*?)\s*$", term)
         if not match:
             raise ApiError(
                 400,
                 "BadRequest",
-                f'"{term.strip()}" is not a known field selector: only "metadata.name", '
-                '"metadata.namespace"',
+                f"invalid selector: '{selector}'; can't understand '{term.strip()}'",
             )
-        field, op, value = match.groups()
-        requirements.append((field.split(".")[1], op != "!=", value))
+        label, op, value = match.groups()
+        if label not in ("metadata.name", "metadata.namespace") and label not in extra:
+            message = (
+                f"field label not supported: {label}"
+                if extra
+                else f'"{label}" is not a known field selector: only "metadata.name", '
+                '"metadata.namespace"'
+            )
+            raise ApiError(400, "BadRequest", message)
+        requirements.append((label, op != "!=", value))
 
     def matches(obj: JSON) -> bool:
-        meta = obj["metadata"]
-        return all((meta.get(attr) == value) == equal for attr, equal, value in requirements)
+        return all(
+            (resources.field_value(obj, label) == value) == equal
+            for label, equal, value in requirements
+        )
 
     return matches
+
+
+GENERATION = {
+    "pods",
+    "deployments.apps",
+    "replicasets.apps",
+    "statefulsets.apps",
+    "daemonsets.apps",
+    "jobs.batch",
+    "customresourcedefinitions.apiextensions.k8s.io",
+    "ingresses.networking.k8s.io",
+    "networkpolicies.networking.k8s.io",
+}
+WORKLOADS = {
+    "deployments.apps",
+    "replicasets.apps",
+    "statefulsets.apps",
+    "daemonsets.apps",
+    "jobs.batch",
+}
+CRD = "customresourcedefinitions.apiextensions.k8s.io"
+ESTABLISHED = ("Established", "True")
+# what a node's kubelet may do (the Node authorizer's rules), for system:nodes and bootstrap
+NODE_RULES: dict[str, set[str]] = {
+    "pods": {"get", "list", "watch"},
+    "pods/status": {"get", "update", "patch"},
+    "events": {"create", "patch", "update", "get", "list"},
+    "services": {"get", "list", "watch"},
+    "endpoints": {"get", "list", "watch"},
+    "endpointslices.discovery.k8s.io": {"get", "list", "watch"},
+    "nodes": {"get", "list", "watch", "create", "update", "patch"},
+    "nodes/status": {"get", "update", "patch"},
+    "configmaps": {"get", "list", "watch"},
+    "secrets": {"get", "list", "watch"},
+}
+
+
+def _condition(kind: str, status: str, reason: str, message: str) -> JSON:
+    stamp = now_rfc3339()
+    return {
+        "type": kind,
+        "status": status,
+        "lastTransitionTime": stamp,
+        "reason": reason,
+        "message": message,
+    }
+
+
+def has_condition(obj: JSON, kind: str, status: str = "True") -> bool:
+    return any(
+        c.get("type") == kind and c.get("status") == status
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def set_condition(obj: JSON, condition: JSON) -> bool:
+    """Put `condition` into obj.status.conditions; True when something changed."""
+    conditions = obj.setdefault("status", {}).setdefault("conditions", [])
+    for index, old in enumerate(conditions):
+        if old.get("type") == condition["type"]:
+            same = all(old.get(k) == condition.get(k) for k in ("status", "reason", "message"))
+            if same:
+                return False
+            if old.get("status") == condition["status"]:
+                condition = {**condition, "lastTransitionTime": old.get("lastTransitionTime")}
+            conditions[index] = {**old, **condition}
+            return True
+    conditions.append(condition)
+    return True
+
+
+def fields_v1(body: Any) -> JSON:
+    """A FieldsV1 set of the keys in `body` (lists as atomic leaves), for managedFields."""
+    if not isinstance(body, dict):
+        return {}
+    return {f"f:{k}": fields_v1(v) for k, v in body.items() if k not in ("apiVersion", "kind")}
+
+
+class Options:
+    """What a request asks for beyond its body (query parameters, headers)."""
+
+    def __init__(
+        self,
+        query: dict[str, str] | None = None,
+        manager: str = "",
+        system: bool = False,
+    ) -> None:
+        query = query or {}
+        self.query = query
+        self.dry_run = query.get("dryRun") == "All"
+        self.field_manager = query.get("fieldManager") or ""
+        self.default_manager = manager  # managedFields name writes without fieldManager by this
+        self.force = query.get("force") in ("true", "1")
+        self.strict = query.get("fieldValidation") == "Strict"
+        self.propagation = query.get("propagationPolicy", "")
+        self.warnings: list[str] = []
+        self.system = system
+
+
+class StreamRequest(Exception):
+    """pods/log and pods/portforward: served by streaming.serve() outside the store lock."""
+
+    def __init__(self, subresource: str, pod: JSON) -> None:
+        super().__init__(subresource)
+        self.subresource = subresource
+        self.pod = pod
 
 
 class Cluster:
@@ -273,16 +436,20 @@ class Cluster:
         with open(cfg["ca_cert"]) as ca_file:
             self.ca_pem = ca_file.read()
         self.node_count = 0
+        self.builtin = {(r.group, r.version, r.plural): r for r in resources.BUILTIN}
+        self.builtin_by_gr = {r.group_resource: r for r in resources.BUILTIN}
+        self.api = Api(self)
         for name in INITIAL_NAMESPACES:
             self._store_namespace(name)
         self.register_node(cfg["node_name"], cfg["node_ip"], cfg.get("node_labels", {}), True)
+        controllers.start_cluster(self)
 
     # -- background work -------------------------------------------------------------------
     def later(self, delay: float, action: Callable[[], None]) -> None:
         self.timers.append((time.monotonic() + delay, action))
 
     def run_due(self) -> None:
-        """Apply what controllers would have done by now (lazily, before each request)."""
+        """Apply what controllers would have done by now (before each request and periodically)."""
         now = time.monotonic()
         due = sorted((t for t in self.timers if t[0] <= now), key=lambda t: t[0])
         self.timers = [t for t in self.timers if t[0] > now]
@@ -304,14 +471,115 @@ class Cluster:
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = self.next_revision()
         meta["creationTimestamp"] = now_rfc3339()
-        for key in ("selfLink", "deletionTimestamp", "managedFields"):
+        for key in ("selfLink", "deletionTimestamp", "deletionGracePeriodSeconds"):
             meta.pop(key, None)
         return meta
 
-    def put(self, resource: str, namespace: str, obj: JSON) -> JSON:
-        self.objects[(resource, namespace, obj["metadata"]["name"])] = obj
+    def put(self, group_resource: str, namespace: str, obj: JSON) -> JSON:
+        self.objects[(group_resource, namespace, obj["metadata"]["name"])] = obj
         return obj
 
+    def get(self, group_resource: str, namespace: str, name: str) -> JSON | None:
+        return self.objects.get((group_resource, namespace, name))
+
+    def items(self, group_resource: str, namespace: str | None = None) -> list[JSON]:
+        return [
+            obj
+            for (gr, ns, _), obj in sorted(self.objects.items(), key=lambda kv: kv[0])
+            if gr == group_resource and (namespace is None or ns == namespace)
+        ]
+
+    def touch(self, obj: JSON) -> None:
+        """An in-place change of a stored object: a new resourceVersion."""
+        obj["metadata"]["resourceVersion"] = self.next_revision()
+
+    def remove(self, group_resource: str, namespace: str, name: str) -> JSON | None:
+        obj = self.objects.pop((group_resource, namespace, name), None)
+        if obj is not None:
+            self.next_revision()
+        return obj
+
+    # -- resource types --------------------------------------------------------------------
+    def crd_types(self) -> list[Resource]:
+        found: list[Resource] = []
+        for crd in self.items(CRD, ""):
+            if has_condition(crd, *ESTABLISHED) and not crd["metadata"].get("deletionTimestamp"):
+                found.extend(resources.crd_resources(crd))
+        return found
+
+    def served(self, group: str, version: str, plural: str) -> Resource | None:
+        res = self.builtin.get((group, version, plural))
+        if res is not None:
+            return res
+        return next(
+            (
+                r
+                for r in self.crd_types()
+                if (r.group, r.version, r.plural) == (group, version, plural)
+            ),
+            None,
+        )
+
+    def type_of(self, group_resource: str) -> Resource | None:
+        """The storage version's resource type of a group resource."""
+        res = self.builtin_by_gr.get(group_resource)
+        if res is not None:
+            return res
+        crd = self.get(CRD, "", group_resource)
+        if crd is None:
+            return None
+        types = resources.crd_resources(crd)
+        storage = next(
+            (v["name"] for v in crd["spec"].get("versions") or [] if v.get("storage")), ""
+        )
+        return next((r for r in types if r.version == storage), types[0] if types else None)
+
+    def group_resources(self) -> list[str]:
+        return sorted({key[0] for key in self.objects})
+
+    # -- events ------------------------------------------------------------------------------
+    def record_event(
+        self,
+        involved: JSON,
+        kind: str,
+        api_version: str,
+        event_type: str,
+        reason: str,
+        message: str,
+        component: str,
+    ) -> JSON:
+        meta = involved["metadata"]
+        namespace = meta.get("namespace") or "default"
+        stamp = now_rfc3339()
+        name = f"{meta['name']}.{uuid.uuid4().hex[:16]}"
+        event: JSON = {
+            "kind": "Event",
+            "apiVersion": "v1",
+            "metadata": self.new_metadata({"name": name}, namespace),
+            "involvedObject": {
+                "kind": kind,
+                "namespace": meta.get("namespace", ""),
+                "name": meta["name"],
+                "uid": meta.get("uid", ""),
+                "apiVersion": api_version,
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message,
+            "source": {"component": component},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "type": event_type,
+            "eventTime": None,
+            "reportingComponent": component,
+            "reportingInstance": "",
+        }
+        if not event["involvedObject"]["namespace"]:
+            del event["involvedObject"]["namespace"]
+        return self.put("events", namespace, event)
+
+    # -- namespaces ---------------------------------------------------------------------------
     def _store_namespace(self, name: str) -> JSON:
         obj = {
             "kind": "Namespace",
@@ -328,10 +596,10 @@ class Cluster:
 
     def _populate_namespace(self, name: str) -> None:
         """What the service-account and root-CA publisher controllers do in a new namespace."""
-        ns = self.objects.get(("namespaces", "", name))
+        ns = self.get("namespaces", "", name)
         if ns is None or ns["status"]["phase"] != "Active":
             return
-        if ("configmaps", name, "kube-root-ca.crt") not in self.objects:
+        if self.get("configmaps", name, "kube-root-ca.crt") is None:
             meta = {
                 "name": "kube-root-ca.crt",
                 "annotations": {
@@ -352,7 +620,7 @@ class Cluster:
                     "data": {"ca.crt": self.ca_pem},
                 },
             )
-        if ("serviceaccounts", name, "default") not in self.objects:
+        if self.get("serviceaccounts", name, "default") is None:
             self.put(
                 "serviceaccounts",
                 name,
@@ -364,7 +632,8 @@ class Cluster:
             )
 
     def _finalize_namespace(self, name: str) -> None:
-        for key in [k for k in self.objects if k[1] == name and k[0] in NAMESPACED]:
+        """The namespace controller: every namespaced object goes, then the namespace."""
+        for key in [k for k in self.objects if k[1] == name]:
             del self.objects[key]
         self.objects.pop(("namespaces", "", name), None)
         self.next_revision()
@@ -389,13 +658,19 @@ class Cluster:
         pod_cidr = _pod_cidr(self.cfg["pod_subnet"], index)
         version = self.cfg["kubernetes_version"]
         stamp = now_rfc3339()
-        resources = {
+        capacity = {
             "cpu": str(os.cpu_count() or 1),
             "ephemeral-storage": "61202244Ki",
             "hugepages-2Mi": "0",
             "memory": "24590692Ki",
             "pods": "110",
         }
+        # the kubelet registers not-ready; kubeadm's mark-control-plane phase adds its taint
+        taints = [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
+        if control_plane:
+            taints.insert(
+                0, {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+            )
         node: JSON = {
             "kind": "Node",
             "apiVersion": "v1",
@@ -415,10 +690,11 @@ class Cluster:
                 "podCIDR": pod_cidr,
                 "podCIDRs": [pod_cidr],
                 "providerID": f"kind://docker/{self.cfg['cluster_name']}/{name}",
+                "taints": taints,
             },
             "status": {
-                "capacity": resources,
-                "allocatable": dict(resources),
+                "capacity": capacity,
+                "allocatable": dict(capacity),
                 "conditions": _node_conditions(False, stamp),
                 "addresses": [
                     {"type": "InternalIP", "address": address},
@@ -445,14 +721,14 @@ class Cluster:
 
     def _node_ready_check(self, name: str) -> None:
         """The kubelet reports Ready once a CNI configuration exists (kind's CNI step)."""
-        node = self.objects.get(("nodes", "", name))
+        node = self.get("nodes", "", name)
         if node is None:
             return
         if not self.cni_installed():
             self.later(0.25, lambda: self._node_ready_check(name))
             return
         node["status"]["conditions"] = _node_conditions(True, now_rfc3339())
-        node["metadata"]["resourceVersion"] = self.next_revision()
+        self.touch(node)
 
 
 def _node_conditions(ready: bool, stamp: str) -> list[JSON]:
@@ -504,8 +780,16 @@ def _pod_cidr(pod_subnet: str, index: int) -> str:
     return f"{octets[0]}.{octets[1]}.{int(octets[2]) + index}.0/24"
 
 
+def _diff_keys(old: Any, new: Any, path: str = "spec") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _diff_keys(old.get(key), new.get(key), f"{path}.{key}")
+    return path
+
+
 class Api:
-    """Routing and the semantics of the core/v1 resources."""
+    """The semantics of the resources: validation, defaults, admission, storage."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
@@ -535,30 +819,69 @@ class Api:
             ],
         }
 
-    def resource_list(self) -> JSON:
-        resources = []
-        for plural, (kind, singular, short) in {**NAMESPACED, **CLUSTER_SCOPED}.items():
-            entry: JSON = {
-                "name": plural,
-                "singularName": singular,
-                "namespaced": plural in NAMESPACED,
-                "kind": kind,
-                "verbs": VERBS,
-            }
-            if short:
-                entry["shortNames"] = [short]
-            resources.append(entry)
-        return {"kind": "APIResourceList", "groupVersion": "v1", "resources": resources}
+    def _all_types(self) -> list[Resource]:
+        return [*resources.BUILTIN, *self.c.crd_types()]
+
+    def _groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for res in self._all_types():
+            if res.group and res.version not in groups.setdefault(res.group, []):
+                groups[res.group].append(res.version)
+        return groups
+
+    def _group_entry(self, group: str, versions: list[str]) -> JSON:
+        preferred = versions[0]
+        crd = next((r for r in self.c.crd_types() if r.group == group), None)
+        if crd is not None:
+            stored = self.c.get(CRD, "", crd.group_resource)
+            if stored is not None:
+                preferred = next(
+                    (v["name"] for v in stored["spec"]["versions"] if v.get("storage")),
+                    preferred,
+                )
+        return {
+            "name": group,
+            "versions": [{"groupVersion": f"{group}/{v}", "version": v} for v in versions],
+            "preferredVersion": {"groupVersion": f"{group}/{preferred}", "version": preferred},
+        }
+
+    def group_list(self) -> JSON:
+        groups = [self._group_entry(g, v) for g, v in self._groups().items()]
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+    def group(self, group: str) -> JSON:
+        versions = self._groups().get(group)
+        if not versions:
+            raise unknown_resource()
+        return {"kind": "APIGroup", "apiVersion": "v1", **self._group_entry(group, versions)}
+
+    def resource_list(self, group: str, version: str) -> JSON:
+        types = [r for r in self._all_types() if (r.group, r.version) == (group, version)]
+        if not types:
+            raise unknown_resource()
+        body: JSON = {"kind": "APIResourceList"}
+        if group:
+            body["apiVersion"] = "v1"
+        body["groupVersion"] = f"{group}/{version}" if group else version
+        body["resources"] = [entry for r in types for entry in r.discovery()]
+        return body
+
+    def system_create(self, group_resource: str, namespace: str, body: JSON, manager: str) -> JSON:
+        """A controller's create (no authorization; admission and validation as for clients)."""
+        res = self.c.type_of(group_resource)
+        if res is None:
+            raise unknown_resource()
+        return self.create(res, namespace, body, Options(manager=manager, system=True))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _get(self, resource: str, namespace: str, name: str) -> JSON:
-        obj = self.c.objects.get((resource, namespace, name))
+    def _get(self, res: Resource, namespace: str, name: str) -> JSON:
+        obj = self.c.get(res.group_resource, namespace, name)
         if obj is None:
-            raise not_found(resource, name)
+            raise not_found(res.group_resource, name)
         return obj
 
-    def _require_namespace(self, namespace: str, creating: bool) -> None:
-        ns = self.c.objects.get(("namespaces", "", namespace))
+    def require_namespace(self, namespace: str, creating: bool) -> JSON:
+        ns = self.c.get("namespaces", "", namespace)
         if ns is None:
             raise not_found("namespaces", namespace)
         if creating and ns["status"]["phase"] == "Terminating":
@@ -579,163 +902,191 @@ class Api:
                     ],
                 },
             )
+        return ns
 
-    def _kind_of(self, resource: str) -> str:
-        return {**NAMESPACED, **CLUSTER_SCOPED}[resource][0]
+    def _typed(self, res: Resource, obj: JSON, version: str | None = None) -> JSON:
+        """The object as served at `version` (custom resources differ only in apiVersion)."""
+        out = copy.deepcopy(obj)
+        out["kind"] = res.kind
+        out["apiVersion"] = res.group_version if version is None else f"{res.group}/{version}"
+        return out
 
-    def _validate_body(self, resource: str, body: Any, namespace: str) -> JSON:
-        kind = self._kind_of(resource)
+    def _check_body(self, res: Resource, body: Any, namespace: str) -> JSON:
         if not isinstance(body, dict):
-            raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
-        if body.get("kind") not in (None, kind) or body.get("apiVersion") not in (None, "v1"):
-            raise ApiError(
-                400,
-                "BadRequest",
+            raise bad_request(
+                f"the object provided is unrecognized (must be of type {res.kind}): "
+                "couldn't get version/kind; json parse error"
+            )
+        if body.get("apiVersion") not in (None, "", res.group_version):
+            raise bad_request(
                 f"the API version in the data ({body.get('apiVersion')}) does not match the "
-                f"expected API version (v1)",
+                f"expected API version ({res.group_version})"
+            )
+        if body.get("kind") not in (None, "", res.kind):
+            raise bad_request(
+                f"the kind in the data ({body.get('kind')}) does not match the expected kind "
+                f"({res.kind})"
             )
         meta = body.get("metadata") or {}
         if not isinstance(meta, dict):
-            raise ApiError(400, "BadRequest", "metadata must be an object")
-        if namespace and meta.get("namespace") not in (None, "", namespace):
-            raise ApiError(
-                400,
-                "BadRequest",
+            raise bad_request(
+                f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: '
+                "json: cannot unmarshal into Go struct field "
+                f"{res.kind}.metadata of type v1.ObjectMeta"
+            )
+        for key in ("labels", "annotations"):
+            values = meta.get(key)
+            if values is not None and (
+                not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values())
+            ):
+                raise bad_request(
+                    f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: '
+                    f"json: cannot unmarshal into Go struct field ObjectMeta.metadata.{key} of "
+                    "type map[string]string"
+                )
+        if res.namespaced and meta.get("namespace") not in (None, "", namespace):
+            raise bad_request(
                 "the namespace of the provided object does not match the namespace sent on the "
-                "request",
+                "request"
             )
-        name = meta.get("name") or ""
-        if not name and not meta.get("generateName"):
-            raise ApiError(
-                422,
-                "Invalid",
-                f'{kind} "" is invalid: metadata.name: Required value: name or generateName is '
-                "required",
-                {
-                    "kind": kind,
-                    "causes": [
-                        {
-                            "reason": "FieldValueRequired",
-                            "message": "Required value: name or generateName is required",
-                            "field": "metadata.name",
-                        }
-                    ],
-                },
-            )
-        check = name or meta["generateName"] + "a"
-        if (
-            len(check) > 253
-            or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", check)
-            or (
-                resource == "namespaces"
-                and not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", check)
-            )
-        ):
-            rule = (
-                "a lowercase RFC 1123 label must consist of lower case alphanumeric "
-                "characters or '-', and must start and end with an alphanumeric character"
-                if resource == "namespaces"
-                else "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
-                "characters, '-' or '.', and must start and end with an alphanumeric "
-                "character"
-            )
-            message = f'Invalid value: "{name}": {rule}'
-            raise ApiError(
-                422,
-                "Invalid",
-                f'{kind} "{name}" is invalid: metadata.name: {message}',
-                {
-                    "name": name,
-                    "kind": kind,
-                    "causes": [
-                        {
-                            "reason": "FieldValueInvalid",
-                            "message": message,
-                            "field": "metadata.name",
-                        }
-                    ],
-                },
-            )
-        for field in ("labels", "annotations"):
-            values = meta.get(field) or {}
-            if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
-                raise ApiError(400, "BadRequest", f"metadata.{field} values must be strings")
-        valid: JSON = copy.deepcopy(body)
-        valid["kind"], valid["apiVersion"] = kind, "v1"
-        if resource == "secrets":
-            self._normalize_secret(valid)
-        if resource == "configmaps":
-            for field in ("data", "binaryData"):
-                values = valid.get(field)
-                if values is not None and (
-                    not isinstance(values, dict)
-                    or not all(isinstance(v, str) for v in values.values())
-                ):
-                    raise ApiError(400, "BadRequest", f"ConfigMap.{field} values must be strings")
-        return valid
+        out = copy.deepcopy(body)
+        out["apiVersion"], out["kind"] = res.group_version, res.kind
+        out["metadata"] = dict(meta)
+        return out
 
-    def _normalize_secret(self, body: JSON) -> None:
-        data = dict(body.get("data") or {})
-        for key, value in data.items():
-            try:
-                base64.b64decode(value, validate=True)
-            except (ValueError, TypeError) as exc:
-                raise ApiError(
-                    400,
-                    "BadRequest",
-                    f"illegal base64 data at input byte 0 in Secret.data[{key}]",
-                ) from exc
-        for key, value in (body.pop("stringData", None) or {}).items():
-            data[key] = base64.b64encode(str(value).encode()).decode()
-        if data:
-            body["data"] = data
-        body.setdefault("type", "Opaque")
+    def _meta_errors(self, res: Resource, meta: JSON) -> list[podspec.FieldError]:
+        name = meta.get("name", "")
+        errors = [
+            e
+            for e in podspec.validate_metadata({**meta, "name": "x"}, res.namespaced)
+            if e.path != "metadata.name"
+        ]
+        if not name and not meta.get("generateName"):
+            errors.insert(
+                0,
+                podspec.FieldError(
+                    "Required", "metadata.name", detail="name or generateName is required"
+                ),
+            )
+            return errors
+        if not name:
+            return errors
+        if res.names == "path":
+            bad = next((s for s in ("/", "%") if s in name), None)
+            if name in (".", ".."):
+                errors.insert(
+                    0,
+                    podspec.FieldError("Invalid", "metadata.name", name, f"may not be '{name}'"),
+                )
+            elif bad:
+                errors.insert(
+                    0,
+                    podspec.FieldError(
+                        "Invalid", "metadata.name", name, f"may not contain '{bad}'"
+                    ),
+                )
+            return errors
+        pattern, message, limit = {
+            "label": (podspec.DNS_LABEL, podspec.DNS1123_LABEL_MSG, 63),
+            "dns1035": (resources.DNS1035, resources.DNS1035_MSG, 63),
+            "subdomain": (podspec.DNS_SUBDOMAIN, podspec.DNS1123_SUBDOMAIN_MSG, 253),
+        }[res.names]
+        if len(name) > limit:
+            errors.insert(
+                0,
+                podspec.FieldError(
+                    "Invalid", "metadata.name", name, f"must be no more than {limit} characters"
+                ),
+            )
+        elif not pattern.match(name):
+            errors.insert(0, podspec.FieldError("Invalid", "metadata.name", name, message))
+        return errors
+
+    def _managed(self, obj: JSON, opts: Options, operation: str, body: Any, sub: str) -> None:
+        manager = opts.field_manager or opts.default_manager or "unknown"
+        entries = [
+            e
+            for e in obj["metadata"].get("managedFields") or []
+            if not (
+                e.get("manager") == manager
+                and e.get("operation") == operation
+                and e.get("subresource", "") == sub
+            )
+        ]
+        entry: JSON = {
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": obj.get("apiVersion", ""),
+            "time": now_rfc3339(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": fields_v1(body if isinstance(body, dict) else {}),
+        }
+        if sub:
+            entry["subresource"] = sub
+        entries.append(entry)
+        obj["metadata"]["managedFields"] = entries
 
     # -- verbs -------------------------------------------------------------------------------
-    def list(self, resource: str, namespace: str, query: dict[str, str]) -> JSON:
+    def list(self, res: Resource, namespace: str, query: dict[str, str]) -> JSON:
         labels = label_selector_matcher(query.get("labelSelector", ""))
-        fields = field_selector_matcher(query.get("fieldSelector", ""))
-        items = [
-            obj
-            for (res, ns, _), obj in sorted(self.c.objects.items())
-            if res == resource
-            and (not namespace or ns == namespace)
-            and labels(obj["metadata"].get("labels") or {})
-            and fields(obj)
-        ]
-        if (
-            namespace
-            and resource in NAMESPACED
-            and ("namespaces", "", namespace) not in self.c.objects
-        ):
-            items = []
-        return {
-            "kind": self._kind_of(resource) + "List",
-            "apiVersion": "v1",
-            "metadata": {"resourceVersion": str(self.c.revision)},
-            "items": [
+        fields = field_selector_matcher(query.get("fieldSelector", ""), res.group_resource)
+        if namespace and res.namespaced and self.c.get("namespaces", "", namespace) is None:
+            items: list[JSON] = []
+        else:
+            items = [
+                obj
+                for obj in self.c.items(res.group_resource, namespace if namespace else None)
+                if labels(obj["metadata"].get("labels") or {}) and fields(obj)
+            ]
+        meta: JSON = {"resourceVersion": str(self.c.revision)}
+        limit = int(query.get("limit") or 0)
+        start = int(base64.b64decode(query["continue"]).decode()) if query.get("continue") else 0
+        if limit and start + limit < len(items):
+            meta["continue"] = base64.b64encode(str(start + limit).encode()).decode()
+            meta["remainingItemCount"] = len(items) - start - limit
+            items = items[start : start + limit]
+        elif start:
+            items = items[start:]
+        if res.crd:
+            shown = [self._typed(res, obj) for obj in items]
+        else:
+            shown = [
                 {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")} for obj in items
-            ],
+            ]
+        return {
+            "kind": res.list_kind_name,
+            "apiVersion": res.group_version,
+            "metadata": meta,
+            "items": shown,
         }
 
-    def create(self, resource: str, namespace: str, body: Any) -> JSON:
+    def get(self, res: Resource, namespace: str, name: str, sub: str = "") -> JSON:
         if namespace:
-            self._require_namespace(namespace, creating=True)
-        body = self._validate_body(resource, body, namespace)
-        meta = dict(body.get("metadata") or {})
-        if not meta.get("name"):
-            suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-            meta["name"] = meta["generateName"] + suffix
-        name = meta["name"]
-        if (resource, namespace, name) in self.c.objects:
-            raise ApiError(
-                409,
-                "AlreadyExists",
-                f'{resource} "{name}" already exists',
-                {"name": name, "kind": resource},
-            )
-        if resource == "nodes":
-            status = body.get("status") or {}
+            self.require_namespace(namespace, creating=False)
+        obj = self._get(res, namespace, name)
+        if sub == "scale":
+            return self._scale(res, obj)
+        return self._typed(res, obj)
+
+    def create(self, res: Resource, namespace: str, body: Any, opts: Options) -> JSON:
+        if namespace:
+            self.require_namespace(namespace, creating=True)
+        gr = res.group_resource
+        if gr == "pods":
+            obj = self._decode_pod(body, namespace, opts)
+        else:
+            obj = self._check_body(res, body, namespace)
+        meta = obj["metadata"]
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + random_suffix()
+        name = meta.get("name", "")
+        if gr == "nodes":
+            errors = self._meta_errors(res, meta)
+            if errors:
+                raise invalid(res, name, errors)
+            if self.c.get("nodes", "", name) is not None:
+                raise already_exists("nodes", name)
+            status = obj.get("status") or {}
             address = next(
                 (
                     a.get("address", "")
@@ -744,99 +1095,277 @@ class Api:
                 ),
                 "",
             )
+            if opts.dry_run:
+                return obj
             return self.c.register_node(name, address, meta.get("labels") or {}, False)
-        body["metadata"] = self.c.new_metadata(meta, namespace)
-        if resource == "namespaces":
-            return self._create_namespace(body)
-        return self.c.put(resource, namespace, body)
+        self._prepare(res, namespace, obj, None, opts)
+        errors = self._meta_errors(res, meta) + self._validate(res, namespace, obj, None)
+        if errors:
+            raise invalid(res, name, errors)
+        if self.c.get(gr, namespace, name) is not None:
+            raise already_exists(gr, name)
+        self._admit(res, namespace, obj, None, opts)
+        obj["metadata"] = self.c.new_metadata(meta, namespace)
+        if opts.dry_run:
+            obj["metadata"].pop("resourceVersion", None)
+        if gr in GENERATION or res.crd:
+            obj["metadata"]["generation"] = 1
+        self._managed(obj, opts, "Update", body, "")
+        if opts.dry_run:
+            return self._typed(res, obj)
+        self.c.put(gr, namespace, obj)
+        self._after_create(res, namespace, obj)
+        return self._typed(res, obj)
 
-    def _create_namespace(self, body: JSON) -> JSON:
-        name = body["metadata"]["name"]
-        labels = dict(body["metadata"].get("labels") or {})
-        labels["kubernetes.io/metadata.name"] = name
-        body["metadata"]["labels"] = labels
-        body["spec"] = {"finalizers": ["kubernetes"]}
-        body["status"] = {"phase": "Active"}
-        self.c.put("namespaces", "", body)
-        self.c.later(SERVICE_ACCOUNT_DELAY, lambda: self.c._populate_namespace(name))
-        return body
-
-    def get(self, resource: str, namespace: str, name: str) -> JSON:
+    def update(
+        self, res: Resource, namespace: str, name: str, sub: str, body: Any, opts: Options
+    ) -> JSON:
         if namespace:
-            self._require_namespace(namespace, creating=False)
-        return self._get(resource, namespace, name)
-
-    def _store_update(self, resource: str, namespace: str, old: JSON, new: JSON) -> JSON:
-        meta = new.setdefault("metadata", {})
-        for key in ("uid", "creationTimestamp", "namespace", "name", "deletionTimestamp"):
-            if key in old["metadata"]:
-                meta[key] = old["metadata"][key]
-        if resource == "namespaces":
-            new["status"] = old["status"]
-            new["spec"] = old["spec"]
-        if resource == "nodes":
-            new["status"] = old["status"]
-        meta["resourceVersion"] = self.c.next_revision()
-        return self.c.put(resource, namespace, new)
-
-    def update(self, resource: str, namespace: str, name: str, body: Any) -> JSON:
-        if namespace:
-            self._require_namespace(namespace, creating=False)
-        old = self._get(resource, namespace, name)
-        body = self._validate_body(resource, body, namespace)
-        if body["metadata"].get("name") != name:
-            raise ApiError(
-                400,
-                "BadRequest",
-                "the name of the object "
-                f"({body['metadata'].get('name')}) does not match the name on the URL"
-                f" ({name})",
+            self.require_namespace(namespace, creating=False)
+        old = self._get(res, namespace, name)
+        if sub == "scale":
+            return self._update_scale(res, old, body, opts)
+        new = self._check_body(res, body, namespace)
+        if new["metadata"].get("name") != name:
+            raise bad_request(
+                f"the name of the object ({new['metadata'].get('name')}) does not match the "
+                f"name on the URL ({name})"
             )
-        wanted = body["metadata"].get("resourceVersion")
+        wanted = new["metadata"].get("resourceVersion")
         if wanted and wanted != old["metadata"]["resourceVersion"]:
-            raise conflict(resource, name)
-        return self._store_update(resource, namespace, old, body)
+            raise conflict(res.group_resource, name)
+        if res.crd and not wanted:
+            raise invalid(
+                res,
+                name,
+                [
+                    podspec.FieldError(
+                        "Invalid",
+                        "metadata.resourceVersion",
+                        "0x0",
+                        "must be specified for an update",
+                    )
+                ],
+            )
+        return self._store_update(res, namespace, old, new, sub, opts, "Update", body)
 
-    def patch(self, resource: str, namespace: str, name: str, body: Any, content_type: str) -> JSON:
-        if namespace:
-            self._require_namespace(namespace, creating=False)
-        old = self._get(resource, namespace, name)
-        if content_type == "application/json-patch+json":
-            if not isinstance(body, list):
-                raise ApiError(
-                    400, "BadRequest", "the body of the request was in an unknown format"
-                )
-            new = json_patch(old, body)
-        elif content_type in (
-            "application/merge-patch+json",
-            "application/strategic-merge-patch+json",
-        ):
-            if not isinstance(body, dict):
-                raise ApiError(
-                    400, "BadRequest", "the body of the request was in an unknown format"
-                )
-            new = json_merge_patch(old, body)
+    def _store_update(
+        self,
+        res: Resource,
+        namespace: str,
+        old: JSON,
+        new: JSON,
+        sub: str,
+        opts: Options,
+        operation: str,
+        body: Any,
+    ) -> JSON:
+        gr = res.group_resource
+        has_status = "status" in res.subresources
+        if sub == "status":
+            status = new.get("status")
+            new = copy.deepcopy(old)
+            if status is None:
+                new.pop("status", None)
+            else:
+                new["status"] = status
+            if gr == "pods":
+                errors = self._pod_status_errors(new)
+                if errors:
+                    raise invalid(res, old["metadata"]["name"], errors)
         else:
+            if has_status or gr in ("namespaces",):
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+                else:
+                    new.pop("status", None)
+            if gr == "namespaces":
+                new["spec"] = old["spec"]
+            meta = new["metadata"]
+            for key in ("uid", "creationTimestamp", "namespace", "deletionTimestamp", "generation"):
+                if key in old["metadata"]:
+                    meta[key] = old["metadata"][key]
+                else:
+                    meta.pop(key, None)
+            meta["name"] = old["metadata"]["name"]
+            meta.setdefault("managedFields", old["metadata"].get("managedFields") or [])
+            self._prepare(res, namespace, new, old, opts)
+            errors = self._meta_errors(res, meta) + self._validate(res, namespace, new, old)
+            if errors:
+                raise invalid(res, old["metadata"]["name"], errors)
+            self._admit(res, namespace, new, old, opts)
+        spec_changed = {k: v for k, v in old.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in new.items() if k not in ("metadata", "status")
+        }
+        if "generation" in old["metadata"] and spec_changed and sub != "status":
+            new["metadata"]["generation"] = old["metadata"]["generation"] + 1
+        self._managed(new, opts, operation, body, sub)
+        if opts.dry_run:
+            return self._typed(res, new)
+        if new == old:
+            return self._typed(res, old)
+        new["metadata"]["resourceVersion"] = self.c.next_revision()
+        self.c.put(gr, namespace, new)
+        return self._typed(res, new)
+
+    def patch(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        sub: str,
+        raw: bytes,
+        content_type: str,
+        opts: Options,
+    ) -> tuple[int, JSON]:
+        apply = content_type == "application/apply-patch+yaml"
+        accepted = [
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            *([] if res.crd else ["application/strategic-merge-patch+json"]),
+            "application/apply-patch+yaml",
+        ]
+        if content_type not in accepted:
             raise ApiError(
                 415,
                 "UnsupportedMediaType",
-                "the body of the request was in an unknown format - accepted media types "
-                "include: application/json-patch+json, application/merge-patch+json, "
-                "application/strategic-merge-patch+json",
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: {', '.join(accepted)}",
+                {},
             )
-        new = self._validate_body(resource, new, namespace)
+        if apply and not opts.field_manager:
+            raise ApiError(
+                422,
+                "Invalid",
+                'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is '
+                "required for apply patch",
+                {
+                    "group": "meta.k8s.io",
+                    "kind": "PatchOptions",
+                    "causes": [
+                        {
+                            "reason": "FieldValueRequired",
+                            "message": "Required value: is required for apply patch",
+                            "field": "fieldManager",
+                        }
+                    ],
+                },
+            )
+        if not apply and "force" in opts.query:
+            raise ApiError(
+                422,
+                "Invalid",
+                'PatchOptions.meta.k8s.io "" is invalid: force: Forbidden: may not be '
+                "specified for non-apply patch",
+                {
+                    "group": "meta.k8s.io",
+                    "kind": "PatchOptions",
+                    "causes": [
+                        {
+                            "reason": "FieldValueForbidden",
+                            "message": "Forbidden: may not be specified for non-apply patch",
+                            "field": "force",
+                        }
+                    ],
+                },
+            )
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            if apply:
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "this kube-apiserver test double takes only JSON-encoded "
+                    "application/apply-patch+yaml bodies (YAML is not supported)",
+                    {},
+                ) from exc
+            raise bad_request(f"error decoding patch: {exc}") from exc
+        if namespace:
+            self.require_namespace(namespace, creating=False)
+        old = self.c.get(res.group_resource, namespace, name)
+        if apply:
+            if not isinstance(body, dict):
+                raise bad_request("error decoding YAML: apply patch must be an object")
+            if body.get("apiVersion") != res.group_version:
+                raise bad_request(
+                    "Incorrect version specified in apply patch. Specified patch version: "
+                    f"{body.get('apiVersion', '')}, expected: {res.group_version}"
+                )
+            if body.get("kind") != res.kind:
+                raise bad_request(
+                    f"the kind in the apply patch ({body.get('kind', '')}) does not match the "
+                    f"kind of the resource ({res.kind})"
+                )
+            meta = body.get("metadata") or {}
+            if meta.get("managedFields") is not None:
+                raise bad_request("metadata.managedFields must be nil")
+            if meta.get("name") != name:
+                raise bad_request(
+                    f"the name of the object ({meta.get('name', '')}) does not match the name "
+                    f"on the URL ({name})"
+                )
+            if old is None and not sub:
+                if namespace:
+                    self.require_namespace(namespace, creating=True)
+                created = self.create(res, namespace, body, opts)
+                stored = self.c.get(res.group_resource, namespace, name)
+                if stored is not None:
+                    stored["metadata"]["managedFields"][-1]["operation"] = "Apply"
+                    created["metadata"]["managedFields"] = copy.deepcopy(
+                        stored["metadata"]["managedFields"]
+                    )
+                return 201, created
+        if old is None:
+            raise not_found(res.group_resource, name)
+        if sub == "scale":
+            scale = self._scale(res, old)
+            return 200, self._update_scale(res, old, self._patched(scale, body, content_type), opts)
+        current = self._typed(res, old)
+        current["metadata"].pop("managedFields", None)
+        new = self._patched(current, body, content_type)
+        if not isinstance(new, dict):
+            raise bad_request("the patched object is not an object")
+        new = self._check_body(res, new, namespace)
+        if new["metadata"].get("name") != name:
+            raise bad_request(
+                f"the name of the object ({new['metadata'].get('name')}) does not match the "
+                f"name on the URL ({name})"
+            )
         wanted = (
             (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
         )
         if wanted and wanted != old["metadata"]["resourceVersion"]:
-            raise conflict(resource, name)
-        return self._store_update(resource, namespace, old, new)
+            raise conflict(res.group_resource, name)
+        new["metadata"]["managedFields"] = copy.deepcopy(old["metadata"].get("managedFields") or [])
+        operation = "Apply" if apply else "Update"
+        return 200, self._store_update(res, namespace, old, new, sub, opts, operation, body)
 
-    def delete(self, resource: str, namespace: str, name: str) -> JSON:
+    def _patched(self, current: JSON, body: Any, content_type: str) -> Any:
+        if content_type == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise bad_request(
+                    "json: cannot unmarshal object into Go value of type jsonpatch.Patch"
+                )
+            return json_patch(current, body)
+        if not isinstance(body, dict):
+            raise bad_request(
+                "json: cannot unmarshal array into Go value of type map[string]interface {}"
+            )
+        if content_type == "application/apply-patch+yaml":
+            body = (
+                {k: v for k, v in body.items() if k != "status"}
+                if "status" not in current
+                else body
+            )
+        return json_merge_patch(current, body)
+
+    def delete(self, res: Resource, namespace: str, name: str, opts: Options) -> JSON:
         if namespace:
-            self._require_namespace(namespace, creating=False)
-        obj = self._get(resource, namespace, name)
-        if resource == "namespaces":
+            self.require_namespace(namespace, creating=False)
+        gr = res.group_resource
+        obj = self._get(res, namespace, name)
+        if gr == "namespaces":
             if name in INITIAL_NAMESPACES:
                 raise ApiError(
                     403,
@@ -844,27 +1373,446 @@ class Api:
                     f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                     {"name": name, "kind": "namespaces"},
                 )
+            if opts.dry_run:
+                return self._typed(res, obj)
             if obj["status"]["phase"] != "Terminating":
                 obj["status"]["phase"] = "Terminating"
                 obj["metadata"]["deletionTimestamp"] = now_rfc3339()
-                obj["metadata"]["resourceVersion"] = self.c.next_revision()
+                self.c.touch(obj)
                 self.c.later(NAMESPACE_FINALIZE_DELAY, lambda: self.c._finalize_namespace(name))
-            return obj
-        del self.c.objects[(resource, namespace, name)]
-        self.c.next_revision()
+            return self._typed(res, obj)
+        if opts.dry_run:
+            return self._typed(res, obj) if gr in ("pods", CRD) else self._success(res, obj)
+        policy = opts.propagation
+        if not policy and gr == "jobs.batch":
+            policy = "Orphan"
+            opts.warnings.append(
+                "child pods are preserved by default when jobs are deleted; set "
+                "propagationPolicy=Background to remove them or set propagationPolicy=Orphan to "
+                "suppress this warning"
+            )
+        if policy == "Orphan":
+            self._orphan(obj["metadata"]["uid"])
+        elif policy == "Foreground":
+            self._delete_dependents(obj["metadata"]["uid"])
+        if gr == CRD:
+            self._delete_crd(obj)
+        self.c.remove(gr, namespace, name)
+        if gr == "pods":
+            deleted = self._typed(res, obj)
+            deleted["metadata"]["deletionTimestamp"] = now_rfc3339()
+            deleted["metadata"]["deletionGracePeriodSeconds"] = 0
+            return deleted
+        if gr == CRD:
+            return self._typed(res, obj)
+        return self._success(res, obj)
+
+    def _success(self, res: Resource, obj: JSON) -> JSON:
+        details: JSON = {"name": obj["metadata"]["name"]}
+        if res.group:
+            details["group"] = res.group
+        details["kind"] = res.plural
+        details["uid"] = obj["metadata"]["uid"]
         return {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Success",
-            "details": {"name": name, "kind": resource, "uid": obj["metadata"]["uid"]},
+            "details": details,
         }
 
+    def delete_collection(
+        self, res: Resource, namespace: str, query: dict[str, str], opts: Options
+    ) -> JSON:
+        listed = self.list(res, namespace, query)
+        for item in listed["items"]:
+            with contextlib.suppress(ApiError):
+                self.delete(
+                    res, item["metadata"].get("namespace", ""), item["metadata"]["name"], opts
+                )
+        return listed
 
-ROUTE = re.compile(
-    r"^/api/v1(?:/namespaces/(?P<ns>[^/]+)/(?P<nsres>[^/]+)(?:/(?P<nsname>[^/]+))?"
-    r"|/(?P<res>[^/]+)(?:/(?P<name>[^/]+))?)/?$"
-)
+    def _orphan(self, uid: str) -> None:
+        for obj in list(self.c.objects.values()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            kept = [r for r in refs if r.get("uid") != uid]
+            if len(kept) != len(refs):
+                if kept:
+                    obj["metadata"]["ownerReferences"] = kept
+                else:
+                    del obj["metadata"]["ownerReferences"]
+                self.c.touch(obj)
+
+    def _delete_dependents(self, uid: str) -> None:
+        for key, obj in list(self.c.objects.items()):
+            if any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or []):
+                self._delete_dependents(obj["metadata"]["uid"])
+                self.c.remove(*key)
+
+    def _delete_crd(self, crd: JSON) -> None:
+        gr = crd["metadata"]["name"]
+        for key in [k for k in self.c.objects if k[0] == gr]:
+            del self.c.objects[key]
+
+    # -- type-specific parts ---------------------------------------------------------------
+    def _prepare(
+        self, res: Resource, namespace: str, obj: JSON, old: JSON | None, opts: Options
+    ) -> None:
+        """Defaults and normalisation (before validation)."""
+        gr = res.group_resource
+        if old is None and "status" in res.subresources and gr != "pods":
+            obj.pop("status", None)  # status is the controllers' (kubelet's) to write
+        if gr == "secrets":
+            self._normalize_secret(obj)
+        elif gr == "configmaps":
+            for key in ("data", "binaryData"):
+                values = obj.get(key)
+                if values is not None and (
+                    not isinstance(values, dict)
+                    or not all(isinstance(v, str) for v in values.values())
+                ):
+                    raise bad_request(
+                        f'ConfigMap in version "v1" cannot be handled as a ConfigMap: json: '
+                        f"cannot unmarshal into Go struct field ConfigMap.{key} of type "
+                        "map[string]string"
+                    )
+        elif gr == "namespaces" and old is None:
+            name = obj["metadata"].get("name", "")
+            labels = dict(obj["metadata"].get("labels") or {})
+            labels["kubernetes.io/metadata.name"] = name
+            obj["metadata"]["labels"] = labels
+            obj["spec"] = {"finalizers": ["kubernetes"]}
+            obj["status"] = {"phase": "Active"}
+        elif gr == "namespaces":
+            labels = dict(obj["metadata"].get("labels") or {})
+            labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+            obj["metadata"]["labels"] = labels
+        elif gr == "services":
+            controllers.service_defaults(self.c, obj, old)
+        elif gr in WORKLOADS:
+            controllers.workload_defaults(gr, obj)
+        elif gr == CRD:
+            resources.crd_defaults(obj)
+        elif gr == "events" and old is None:
+            obj.setdefault("count", 1)
+        elif gr == "pods" and old is not None:
+            obj["spec"] = obj.get("spec") or {}
+
+    def _validate(
+        self, res: Resource, namespace: str, obj: JSON, old: JSON | None
+    ) -> list[podspec.FieldError]:
+        gr = res.group_resource
+        if gr == "pods":
+            if old is None:
+                return podspec.validate_pod(obj)
+            if obj.get("spec") != old.get("spec"):
+                message = (
+                    "pod updates may not change fields other than `spec.containers[*].image`,"
+                    "`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,"
+                    "`spec.tolerations` (only additions to existing tolerations),"
+                    "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was "
+                    "previously negative)"
+                )
+                changed = _diff_keys(old.get("spec"), obj.get("spec"))
+                return [podspec.FieldError("Forbidden", "spec", detail=f"{message}\n  {changed}")]
+            return []
+        if gr == "services":
+            return controllers.service_errors(self.c, obj, old)
+        if gr in WORKLOADS:
+            return controllers.workload_errors(gr, obj, old)
+        if gr == CRD:
+            errors = resources.crd_errors(obj)
+            if old is not None:
+                for key in ("group",):
+                    if obj["spec"].get(key) != old["spec"].get(key):
+                        errors.append(
+                            podspec.FieldError(
+                                "Invalid", f"spec.{key}", obj["spec"].get(key), "field is immutable"
+                            )
+                        )
+            return errors
+        if res.crd and res.schema is not None:
+            pruned, errors = resources.prune_custom_resource(obj, res.schema)
+            for key in [k for k in obj if k not in pruned]:
+                del obj[key]
+            obj.update(pruned)
+            return errors
+        return []
+
+    def _admit(
+        self, res: Resource, namespace: str, obj: JSON, old: JSON | None, opts: Options
+    ) -> None:
+        """Admission after validation (ServiceAccount, Pod Security, allocations)."""
+        gr = res.group_resource
+        if gr == "pods" and old is None:
+            self._admit_pod(namespace, obj, opts)
+        elif gr == "services":
+            errors = controllers.allocate_service(self.c, obj, old, opts.dry_run)
+            if errors:
+                raise invalid(res, obj["metadata"].get("name", ""), errors)
+
+    def _after_create(self, res: Resource, namespace: str, obj: JSON) -> None:
+        gr = res.group_resource
+        name = obj["metadata"]["name"]
+        if gr == "namespaces":
+            self.c.later(SERVICE_ACCOUNT_DELAY, lambda: self.c._populate_namespace(name))
+        elif gr == "jobs.batch":
+            controllers.job_selector(obj)
+        elif gr == CRD:
+            obj["status"] = {
+                "conditions": [],
+                "acceptedNames": {"plural": "", "kind": ""},
+                "storedVersions": [
+                    v["name"] for v in obj["spec"].get("versions") or [] if v.get("storage")
+                ],
+            }
+            self.c.later(CRD_NAMES_ACCEPTED_DELAY, lambda: self._crd_names_accepted(name))
+            self.c.later(CRD_ESTABLISHED_DELAY, lambda: self._crd_established(name))
+
+    def _crd_names_accepted(self, name: str) -> None:
+        crd = self.c.get(CRD, "", name)
+        if crd is None:
+            return
+        crd["status"]["acceptedNames"] = copy.deepcopy(crd["spec"]["names"])
+        set_condition(crd, _condition("NamesAccepted", "True", "NoConflicts", "no conflicts found"))
+        self.c.touch(crd)
+
+    def _crd_established(self, name: str) -> None:
+        crd = self.c.get(CRD, "", name)
+        if crd is None:
+            return
+        set_condition(
+            crd,
+            _condition(
+                "Established",
+                "True",
+                "InitialNamesAccepted",
+                "the initial names have been accepted",
+            ),
+        )
+        self.c.touch(crd)
+
+    def _normalize_secret(self, body: JSON) -> None:
+        data = body.get("data") or {}
+        if not isinstance(data, dict):
+            raise bad_request(
+                'Secret in version "v1" cannot be handled as a Secret: json: cannot unmarshal '
+                "into Go struct field Secret.data of type map[string][]uint8"
+            )
+        data = dict(data)
+        for key, value in data.items():
+            try:
+                base64.b64decode(value, validate=True)
+            except (ValueError, TypeError) as exc:
+                raise bad_request(
+                    f'Secret in version "v1" cannot be handled as a Secret: illegal base64 data '
+                    f"at input byte 0 in Secret.data[{key}]"
+                ) from exc
+        for key, value in (body.pop("stringData", None) or {}).items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+        if data:
+            body["data"] = data
+        body.setdefault("type", "Opaque")
+
+    # -- pods ----------------------------------------------------------------------------------
+    def _decode_pod(self, body: Any, namespace: str, opts: Options) -> JSON:
+        try:
+            decoded = podspec.decode(body)
+        except podspec.DecodeError as exc:
+            raise bad_request(f'Pod in version "v1" cannot be handled as a Pod: {exc}') from exc
+        if decoded.unknown:
+            if opts.strict:
+                listed = ", ".join(f'unknown field "{u}"' for u in decoded.unknown)
+                raise bad_request(f"strict decoding error: {listed}")
+            opts.warnings.extend(f'unknown field "{u}"' for u in decoded.unknown)
+        pod = self._check_body(self.c.builtin_by_gr["pods"], decoded.obj, namespace)
+        spec = pod.setdefault("spec", {})
+        if not spec.get("nodeName"):
+            spec.pop("nodeName", None)
+        pod.pop("status", None)
+        return pod
+
+    def _admit_pod(self, namespace: str, pod: JSON, opts: Options) -> None:
+        name = pod["metadata"]["name"]
+        spec = pod["spec"]
+        sa_name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        sa = self.c.get("serviceaccounts", namespace, sa_name)
+        if sa is None:
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'pods "{name}" is forbidden: error looking up service account '
+                f'{namespace}/{sa_name}: serviceaccount "{sa_name}" not found',
+                {"name": name, "kind": "pods"},
+            )
+        podspec.apply_defaults(pod)
+        automount = spec.get("automountServiceAccountToken")
+        if automount is None:
+            automount = sa.get("automountServiceAccountToken", True)
+        if automount:
+            self._add_token_volume(pod)
+        ns_labels = self.require_namespace(namespace, creating=True)["metadata"].get("labels") or {}
+        level, version = podspec.pod_security_level(ns_labels, "enforce")
+        failures = podspec.pod_security_violations(level, spec)
+        if failures:
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'pods "{name}" is forbidden: violates PodSecurity "{level}:{version}": '
+                + ", ".join(failures),
+                {"name": name, "kind": "pods"},
+            )
+        level, version = podspec.pod_security_level(ns_labels, "warn")
+        failures = podspec.pod_security_violations(level, spec)
+        if failures:
+            opts.warnings.append(
+                f'would violate PodSecurity "{level}:{version}": ' + ", ".join(failures)
+            )
+        pod["status"] = {"phase": "Pending", "qosClass": podspec.qos_class(pod)}
+
+    def _add_token_volume(self, pod: JSON) -> None:
+        spec = pod["spec"]
+        path = "/var/run/secrets/kubernetes.io/serviceaccount"
+        volume = "kube-api-access-" + random_suffix()
+        added = False
+        for container in spec.get("containers") or []:
+            mounts = container.setdefault("volumeMounts", [])
+            if any(m.get("mountPath") == path for m in mounts):
+                continue
+            mounts.append({"name": volume, "readOnly": True, "mountPath": path})
+            added = True
+        if not added:
+            return
+        spec.setdefault("volumes", []).append(
+            {
+                "name": volume,
+                "projected": {
+                    "sources": [
+                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                        {
+                            "configMap": {
+                                "name": "kube-root-ca.crt",
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "path": "namespace",
+                                        "fieldRef": {
+                                            "apiVersion": "v1",
+                                            "fieldPath": "metadata.namespace",
+                                        },
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                    "defaultMode": 420,
+                },
+            }
+        )
+
+    def _pod_status_errors(self, pod: JSON) -> list[podspec.FieldError]:
+        status = pod.get("status") or {}
+        errors: list[podspec.FieldError] = []
+        phase = status.get("phase")
+        phases = ["Pending", "Running", "Succeeded", "Failed", "Unknown"]
+        if phase is not None and phase not in phases:
+            supported = ", ".join(f'"{p}"' for p in phases)
+            errors.append(
+                podspec.FieldError(
+                    "NotSupported", "status.phase", phase, f"supported values: {supported}"
+                )
+            )
+        for index, cond in enumerate(status.get("conditions") or []):
+            if cond.get("status") not in ("True", "False", "Unknown"):
+                errors.append(
+                    podspec.FieldError(
+                        "NotSupported",
+                        f"status.conditions[{index}].status",
+                        cond.get("status", ""),
+                        'supported values: "False", "True", "Unknown"',
+                    )
+                )
+        return errors
+
+    # -- scale -----------------------------------------------------------------------------------
+    def _scale(self, res: Resource, obj: JSON) -> JSON:
+        meta = obj["metadata"]
+        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                k: meta[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in meta
+            },
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+            "status": {
+                "replicas": (obj.get("status") or {}).get("replicas", 0),
+                "selector": ",".join(f"{k}={v}" for k, v in sorted(selector.items())),
+            },
+        }
+
+    def _update_scale(self, res: Resource, obj: JSON, body: Any, opts: Options) -> JSON:
+        if not isinstance(body, dict):
+            raise bad_request("the body of the request was in an unknown format")
+        replicas = (body.get("spec") or {}).get("replicas", 0)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise ApiError.from_status(
+                podspec.invalid_status(
+                    "Scale",
+                    obj["metadata"]["name"],
+                    [
+                        podspec.FieldError(
+                            "Invalid",
+                            "spec.replicas",
+                            replicas,
+                            "must be greater than or equal to 0",
+                        )
+                    ],
+                )
+            )
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if wanted and wanted != obj["metadata"]["resourceVersion"]:
+            raise conflict(res.group_resource, obj["metadata"]["name"])
+        if not opts.dry_run and obj["spec"].get("replicas") != replicas:
+            obj["spec"]["replicas"] = replicas
+            obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+            self.c.touch(obj)
+        scale = self._scale(res, obj)
+        scale["spec"]["replicas"] = replicas
+        return scale
+
+
+def unknown_resource() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def parse_api_path(path: str) -> tuple[str, str, list[str]] | None:
+    """`/api/v1/...` or `/apis/GROUP/VERSION/...` -> (group, version, remaining segments)."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        return "", "v1", parts[2:]
+    if parts[0] == "apis" and len(parts) >= 3:
+        return parts[1], parts[2], parts[3:]
+    return None
+
+
+def _streaming() -> ModuleType:
+    """The runtime helper's streaming module (node/streaming.py), imported when first needed."""
+    try:
+        return importlib.import_module("tests.doubles.node.streaming")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tests", "tests.doubles", "tests.doubles.node"):
+            raise
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.append(here)
+    return importlib.import_module("streaming")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -918,12 +1866,16 @@ class Handler(BaseHTTPRequestHandler):
             groups = [
                 v for rdn in cert.get("subject", ()) for k, v in rdn if k == "organizationName"
             ]
-            return subject.get("commonName", ""), groups
+            return subject.get("commonName", ""), [*groups, "system:authenticated"]
         auth = self.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            token = auth[len("Bearer ") :].strip()
-            if token == self.server.cluster.cfg.get("bootstrap_token"):
-                return f"system:bootstrap:{token.split('.')[0]}", ["system:bootstrappers"]
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer":
+            token = token.strip()
+            if token and token == self.server.cluster.cfg.get("bootstrap_token"):
+                return f"system:bootstrap:{token.split('.')[0]}", [
+                    "system:bootstrappers",
+                    "system:authenticated",
+                ]
             raise ApiError(401, "Unauthorized", "Unauthorized")
         return None
 
@@ -932,18 +1884,27 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         if len(path) > 1:
             path = path.rstrip("/")
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        lists = parse_qs(url.query)
+        query = {k: v[-1] for k, v in lists.items()}
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         user = "-"
+        opts = Options(query, manager=self._default_manager())
         try:
             identity = self.authenticate()
             user = identity[0] if identity else "system:anonymous"
             with self.server.cluster.lock:
                 self.server.cluster.run_due()
-                code, body = self.route(method, path, query, raw, identity)
+                code, body = self.route(method, path, query, raw, identity, opts)
         except ApiError as err:
             code, body = err.code, err.status()
+        except StreamRequest as stream:
+            self.server.log(f"{method} {self.path} stream user={user}")
+            self.stream(stream, lists)
+            return
+        except Exception as exc:  # a bug of the double: answered as kube-apiserver answers panics
+            self.server.log(f"internal error: {traceback.format_exc()}")
+            code, body = 500, ApiError(500, "InternalError", f"Internal error occurred: {exc!r}", {}).status()
         self.server.log(f"{method} {self.path} {code} user={user} peer={self.client_address[0]}")
         if isinstance(body, str):
             data, ctype = body.encode(), "text/plain; charset=utf-8"
@@ -957,20 +1918,63 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-cache, private")
         self.send_header("Audit-Id", str(uuid.uuid4()))
+        for warning in opts.warnings:
+            self.send_header("Warning", f'299 - "{warning}"')
         self.end_headers()
         self.wfile.write(data)
 
-    def forbidden(self, user: str, verb: str, resource: str, namespace: str, path: str) -> ApiError:
-        if resource:
-            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
-            message = (
-                f'{resource} is forbidden: User "{user}" cannot {verb} resource '
-                f'"{resource}" in API group "" {scope}'
+    def _default_manager(self) -> str:
+        agent = self.headers.get("User-Agent") or ""
+        return agent.split("/", 1)[0][:128]
+
+    def stream(self, request: StreamRequest, query: dict[str, list[str]]) -> None:
+        try:
+            module = _streaming()
+        except ImportError as exc:
+            err = ApiError(
+                503,
+                "ServiceUnavailable",
+                f"pods/{request.subresource} is not available: the kubelet streaming module of "
+                f"the node image double (streaming.py) is missing ({exc})",
+                {},
             )
-            return ApiError(403, "Forbidden", message, {"kind": resource})
-        return ApiError(
-            403, "Forbidden", f'forbidden: User "{user}" cannot {verb} path "{path}"', {}
+            data = json.dumps(err.status()).encode() + b"\n"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        module.serve(self, request.subresource, request.pod, query)
+
+    def forbidden(
+        self,
+        user: str,
+        verb: str,
+        res: Resource | None,
+        sub: str,
+        namespace: str,
+        name: str,
+        path: str,
+    ) -> ApiError:
+        if res is None:
+            return ApiError(
+                403, "Forbidden", f'forbidden: User "{user}" cannot {verb} path "{path}"', {}
+            )
+        resource = f"{res.plural}/{sub}" if sub else res.plural
+        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        subject = f'{res.group_resource} "{name}"' if name else res.group_resource
+        message = (
+            f'{subject} is forbidden: User "{user}" cannot {verb} resource "{resource}" in API '
+            f'group "{res.group}" {scope}'
         )
+        details: JSON = {}
+        if name:
+            details["name"] = name
+        if res.group:
+            details["group"] = res.group
+        details["kind"] = res.plural
+        return ApiError(403, "Forbidden", message, details)
 
     def route(
         self,
@@ -979,97 +1983,142 @@ class Handler(BaseHTTPRequestHandler):
         query: dict[str, str],
         raw: bytes,
         identity: tuple[str, list[str]] | None,
+        opts: Options,
     ) -> tuple[int, JSON | str]:
-        api = self.server.api
+        cluster = self.server.cluster
+        api = cluster.api
         public = path in ("/version", "/healthz", "/livez", "/readyz") or path.startswith(
             ("/healthz/", "/livez/", "/readyz/")
         )
-        match = ROUTE.match(path)
-        namespace = resource = name = ""
-        if match:
-            namespace = match["ns"] or ""
-            resource = match["nsres"] or match["res"] or ""
-            name = match["nsname"] or match["name"] or ""
-            if match["res"] == "namespaces":
-                resource, name = "namespaces", match["name"] or ""
-        verb = {
-            "GET": "list" if match and not name else "get",
-            "POST": "create",
-            "PUT": "update",
-            "PATCH": "patch",
-            "DELETE": "delete",
-        }[method]
-        is_master = identity is not None and "system:masters" in identity[1]
-        is_bootstrap = identity is not None and "system:bootstrappers" in identity[1]
-        if not public and not is_master:
-            user = identity[0] if identity else "system:anonymous"
-            if not (is_bootstrap and method == "POST" and resource == "nodes" and not namespace):
-                raise self.forbidden(user, verb, resource, namespace, path)
+        user = identity[0] if identity else "system:anonymous"
+        groups = identity[1] if identity else []
         if public:
             if method != "GET":
-                raise ApiError(
-                    405,
-                    "MethodNotAllowed",
-                    "the server does not allow this method on the requested resource",
-                    {},
-                )
+                raise ApiError(405, "MethodNotAllowed", METHOD_NOT_ALLOWED, {})
             if path == "/version":
                 return 200, api.version()
-            if path.startswith("/readyz") and (
-                time.monotonic() - self.server.cluster.started < READYZ_STARTUP
-            ):
+            if path.startswith("/readyz") and (time.monotonic() - cluster.started < READYZ_STARTUP):
                 return (
                     500,
                     "[-]poststarthook/start-apiextensions-controllers failed: reason "
                     "withheld\nreadyz check failed\n",
                 )
             return 200, "ok"
-        if method == "GET" and path in ("/api", "/api/"):
-            return 200, api.api_versions()
-        if method == "GET" and path in ("/api/v1", "/api/v1/"):
-            return 200, api.resource_list()
-        if method == "GET" and path in ("/apis", "/apis/"):
-            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}
-        known = resource in NAMESPACED or resource in CLUSTER_SCOPED
-        if not match or not known or (namespace and resource not in NAMESPACED):
+        is_master = "system:masters" in groups
+        is_node = "system:nodes" in groups or "system:bootstrappers" in groups
+        verb_of_method = {
+            "GET": "get",
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete",
+        }
+        discovery = path in ("/api", "/apis") or (
+            path.startswith("/apis/") and path.count("/") == 2
+        )
+        parsed = parse_api_path(path)
+        if discovery or (parsed is not None and not parsed[2]):
+            if identity is None:
+                raise self.forbidden(user, verb_of_method[method], None, "", "", "", path)
+            if method != "GET":
+                raise ApiError(405, "MethodNotAllowed", METHOD_NOT_ALLOWED, {})
+            if path == "/api":
+                return 200, api.api_versions()
+            if path == "/apis":
+                return 200, api.group_list()
+            if parsed is None:
+                return 200, api.group(path.split("/")[2])
+            return 200, api.resource_list(parsed[0], parsed[1])
+        if parsed is None:
+            if identity is None or not is_master:
+                raise self.forbidden(user, verb_of_method[method], None, "", "", "", path)
             raise unknown_resource()
-        if query.get("watch") in ("1", "true"):
-            raise ApiError(
-                405,
-                "MethodNotAllowed",
-                "the server does not allow this method on the requested resource",
-                {},
-            )
+        group, version, rest = parsed
+        namespace = name = sub = ""
+        if (
+            rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (group == "" and len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
+            namespace, rest = rest[1], rest[2:]
+            if len(rest) > 3:
+                raise unknown_resource()
+        elif len(rest) > 3:
+            raise unknown_resource()
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else ""
+        sub = rest[2] if len(rest) > 2 else ""
+        res = cluster.served(group, version, plural)
+        if (
+            res is None
+            or (namespace and not res.namespaced)
+            or (sub and sub not in res.subresources)
+        ):
+            raise unknown_resource()
+        if res.namespaced and not namespace and name:
+            raise unknown_resource()
+        watch = query.get("watch") in ("1", "true")
+        if method == "GET":
+            verb = "get" if name else ("watch" if watch else "list")
+        elif method == "DELETE":
+            verb = "delete" if name else "deletecollection"
+        else:
+            verb = verb_of_method[method]
+        if sub in ("log", "portforward") and method == "POST":
+            verb = "create"
+        allowed = is_master or (
+            is_node
+            and verb in NODE_RULES.get(f"{res.group_resource}{'/' + sub if sub else ''}", set())
+        )
+        if is_node and not is_master and res.group_resource == "nodes" and verb == "create":
+            allowed = True
+        if not allowed:
+            raise self.forbidden(user, verb, res, sub, namespace, name, path)
+        if watch:
+            raise ApiError(405, "MethodNotAllowed", METHOD_NOT_ALLOWED, {})
+        if sub in ("log", "portforward"):
+            if method not in ("GET", "POST"):
+                raise ApiError(405, "MethodNotAllowed", METHOD_NOT_ALLOWED, {})
+            api.require_namespace(namespace, creating=False)
+            pod = api.get(res, namespace, name)
+            raise StreamRequest(sub, pod)
+        table = wants_table(self.headers.get("Accept") or "")
         body: Any = None
-        if raw:
+        if raw and method in ("POST", "PUT"):
             try:
                 body = json.loads(raw)
             except ValueError as exc:
-                raise ApiError(
-                    400, "BadRequest", f"the body of the request was in an unknown format: {exc}"
+                raise bad_request(
+                    f"the object provided is unrecognized (must be of type {res.kind}): "
+                    f"couldn't get version/kind; json parse error: {exc}"
                 ) from exc
-        table = wants_table(self.headers.get("Accept") or "")
+        if method == "DELETE" and raw:
+            with contextlib.suppress(ValueError):
+                options = json.loads(raw)
+                if isinstance(options, dict):
+                    opts.propagation = opts.propagation or options.get("propagationPolicy") or ""
+                    if options.get("orphanDependents") is True and not opts.propagation:
+                        opts.propagation = "Orphan"
+                    if "All" in (options.get("dryRun") or []):
+                        opts.dry_run = True
         if method == "GET" and not name:
-            listed = api.list(resource, namespace, query)
-            return 200, as_table(resource, listed) if table else listed
+            listed = api.list(res, namespace, query)
+            return 200, as_table(res.plural, listed) if table else listed
         if method == "POST" and not name:
-            return 201, api.create(resource, namespace, body)
-        if method == "GET" and name:
-            got = api.get(resource, namespace, name)
-            return 200, as_table(resource, got) if table else got
+            return 201, api.create(res, namespace, body, opts)
+        if method == "GET":
+            got = api.get(res, namespace, name, sub)
+            return 200, as_table(res.plural, got) if table and not sub else got
         if method == "PUT" and name:
-            return 200, api.update(resource, namespace, name, body)
+            return 200, api.update(res, namespace, name, sub, body, opts)
         if method == "PATCH" and name:
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            return 200, api.patch(resource, namespace, name, body, ctype)
-        if method == "DELETE" and name:
-            return 200, api.delete(resource, namespace, name)
-        raise ApiError(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-            {},
-        )
+            return api.patch(res, namespace, name, sub, raw, ctype, opts)
+        if method == "DELETE" and name and not sub:
+            return 200, api.delete(res, namespace, name, opts)
+        if method == "DELETE" and not name:
+            return 200, api.delete_collection(res, namespace, query, opts)
+        raise ApiError(405, "MethodNotAllowed", METHOD_NOT_ALLOWED, {})
 
 
 # -- server-side printing (what `kubectl get` asks for: Accept ...;as=Table;v=v1;g=meta.k8s.io) --
@@ -1180,8 +2229,31 @@ class ApiServer(ThreadingHTTPServer):
         self.log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - open while serving
         self.log_lock = threading.Lock()
         self.cluster = Cluster(cfg)
-        self.api = Api(self.cluster)
-        super().__init__(("0.0.0.0", cfg.get("port", 6443)), Handler)
+        self.api = self.cluster.api
+        self.stopping = threading.Event()
+        super().__init__((cfg.get("host", "0.0.0.0"), cfg.get("port", 6443)), Handler)
+        self.controller_thread = threading.Thread(
+            target=self._control_loop, name="controllers", daemon=True
+        )
+        self.controller_thread.start()
+
+    def _control_loop(self) -> None:
+        """The controller manager and scheduler: reconcile whenever the store changed."""
+        seen = -1
+        while not self.stopping.wait(CONTROLLER_PERIOD):
+            try:
+                with self.cluster.lock:
+                    self.cluster.run_due()
+                    if self.cluster.revision != seen:
+                        controllers.reconcile(self.cluster)
+                        seen = self.cluster.revision
+            except Exception as exc:  # noqa: BLE001 - a controller bug must not stop the others
+                self.log(f"controller error: {exc!r}")
+
+    def server_close(self) -> None:
+        self.stopping.set()
+        super().server_close()
+        self.log_file.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = self.socket.accept()

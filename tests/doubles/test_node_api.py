@@ -1,0 +1,455 @@
+"""The node image's fake kube-apiserver, in process, through the official `kubernetes` client.
+
+The server runs on 127.0.0.1 with a CA made here; clients authenticate with client certificates
+(an admin in `system:masters`, a kubelet `system:node:NAME`). No kubelet runs: where a test
+needs pods to run, it writes their status as a kubelet would (through `pods/status`, with the
+node's identity). These tests also run under `.tox/lowest` (kubernetes 29).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+NODE = Path(__file__).resolve().parent / "node"
+NODE_NAME = "kipik-control-plane"
+WORKER = "kipik-worker"
+
+
+def load_apiserver() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("node_apiserver", str(NODE / "apiserver.py"))
+    spec = importlib.util.spec_from_loader("node_apiserver", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+apiserver = load_apiserver()
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_pki(folder: Path) -> dict[str, str]:
+    """A CA, a serving certificate for 127.0.0.1, an admin and two kubelet client certificates."""
+    ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
+    openssl(
+        "req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+        "-out", str(ca_crt), "-days", "2", "-subj", "/CN=kubernetes",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
+    )  # fmt: skip
+    paths = {"ca": str(ca_crt)}
+    for name, subject, usage, san in (
+        ("server", "/CN=kube-apiserver", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
+        ("admin", "/O=system:masters/CN=kubernetes-admin", "clientAuth", ""),
+        ("node", f"/O=system:nodes/CN=system:node:{NODE_NAME}", "clientAuth", ""),
+        ("nobody", "/CN=jane", "clientAuth", ""),
+    ):
+        key, csr, crt = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
+        openssl(
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", subject,
+        )  # fmt: skip
+        ext = folder / f"{name}.ext"
+        ext.write_text(
+            f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else "")
+        )
+        openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext),
+        )  # fmt: skip
+        paths[name] = str(crt)
+        paths[f"{name}_key"] = str(key)
+    return paths
+
+
+class Server:
+    """A running ApiServer and the certificates to talk to it."""
+
+    def __init__(self, folder: Path) -> None:
+        import ssl
+
+        self.pki = make_pki(folder)
+        self.cni = folder / "10-kindnet.conflist"
+        self.cni.write_text("{}")
+        cfg = {
+            "cert": self.pki["server"],
+            "key": self.pki["server_key"],
+            "ca_cert": self.pki["ca"],
+            "log": str(folder / "apiserver.log"),
+            "node_name": NODE_NAME,
+            "node_ip": "127.0.0.1",
+            "node_labels": {},
+            "cluster_name": "kipik",
+            "kubernetes_version": "v1.36.1",
+            "pod_subnet": "10.244.0.0/16",
+            "service_subnet": "10.96.0.0/16",
+            "bootstrap_token": "abcdef.0123456789abcdef",
+            "cni_marker": str(self.cni),
+            "host": "127.0.0.1",
+            "port": 0,
+        }
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cfg["cert"], cfg["key"])
+        context.load_verify_locations(cfg["ca_cert"])
+        context.verify_mode = ssl.CERT_OPTIONAL
+        self.httpd = apiserver.ApiServer(cfg, context, cfg["log"])
+        self.port = self.httpd.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def client(self, who: str = "admin") -> client.ApiClient:
+        cfg = client.Configuration()
+        cfg.host = self.url
+        cfg.ssl_ca_cert = self.pki["ca"]
+        if who != "anonymous":
+            cfg.cert_file = self.pki[who]
+            cfg.key_file = self.pki[f"{who}_key"]
+        return client.ApiClient(cfg)
+
+    def raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        who: str = "admin",
+    ) -> tuple[int, dict[str, str], Any]:
+        """One HTTPS request outside the official client: (status, headers, decoded body)."""
+        import http.client
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.pki["ca"])
+        if who != "anonymous":
+            context.load_cert_chain(self.pki[who], self.pki[f"{who}_key"])
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            answer = dict(response.getheaders())
+        finally:
+            conn.close()
+        try:
+            decoded: Any = json.loads(data)
+        except ValueError:
+            decoded = data.decode()
+        return response.status, answer, decoded
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with tempfile.TemporaryDirectory() as folder:
+        running = Server(Path(folder))
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(server: Server) -> Iterator[client.ApiClient]:
+    api = server.client()
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="module")
+def dyn(admin: client.ApiClient) -> DynamicClient:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as cache:
+        path = cache.name
+    Path(path).unlink()
+    return DynamicClient(admin, cache_file=path)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def status_of(exc: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
+    body = json.loads(exc.value.body)
+    assert isinstance(body, dict)
+    return body
+
+
+_namespaces = iter(range(1000))
+
+
+@pytest.fixture
+def namespace(admin: client.ApiClient) -> str:
+    """A fresh namespace whose `default` ServiceAccount exists."""
+    core = client.CoreV1Api(admin)
+    name = f"test-{next(_namespaces)}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_until(
+        lambda: core.list_namespaced_service_account(name).items, 5, "the default ServiceAccount"
+    )
+    return name
+
+
+# -- discovery ----------------------------------------------------------------------------------
+def test_discovery_through_the_dynamic_client(dyn: DynamicClient) -> None:
+    deployments = dyn.resources.get(api_version="apps/v1", kind="Deployment")
+    assert deployments.namespaced
+    assert deployments.short_names == ["deploy"]
+    assert set(deployments.subresources) == {"scale", "status"}
+    pods = dyn.resources.get(api_version="v1", kind="Pod")
+    assert {"log", "portforward", "status"} <= set(pods.subresources)
+    assert dyn.resources.get(api_version="v1", kind="Service").categories == ["all"]
+    for api_version, kind in (
+        ("batch/v1", "Job"),
+        ("discovery.k8s.io/v1", "EndpointSlice"),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition"),
+        ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
+        ("v1", "PersistentVolumeClaim"),
+    ):
+        assert dyn.resources.get(api_version=api_version, kind=kind).kind == kind
+    with pytest.raises(ResourceNotFoundError):
+        dyn.resources.get(api_version="apps/v1", kind="Nope")
+
+
+def test_aggregated_discovery_is_answered_with_legacy_json(server: Server) -> None:
+    accept = (
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
+    )
+    code, headers, body = server.raw("GET", "/apis", headers={"Accept": accept})
+    assert code == 200
+    assert headers["Content-Type"] == "application/json"
+    assert body["kind"] == "APIGroupList"
+    names = [g["name"] for g in body["groups"]]
+    assert "apps" in names
+    assert "apiextensions.k8s.io" in names
+
+
+class FakeKubelet:
+    """What the kubelet double will do, through the API as `system:node:NAME`: run every pod
+    bound to the node (Running + Ready + a pod IP), or end it when its label says so."""
+
+    def __init__(self, server: Server) -> None:
+        self.api = server.client("node")
+        self.core = client.CoreV1Api(self.api)
+        self.stopping = threading.Event()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        ips = iter(range(2, 250))
+        while not self.stopping.wait(0.05):
+            try:
+                pods = self.core.list_pod_for_all_namespaces(
+                    field_selector=f"spec.nodeName={NODE_NAME}"
+                ).items
+                for pod in pods:
+                    if pod.status.phase != "Pending":
+                        continue
+                    exit_code = (pod.metadata.labels or {}).get("exit")
+                    if exit_code is not None:
+                        status: dict[str, Any] = {
+                            "phase": "Succeeded" if exit_code == "0" else "Failed",
+                            "conditions": [{"type": "Ready", "status": "False"}],
+                        }
+                    else:
+                        status = {
+                            "phase": "Running",
+                            "podIP": f"10.244.0.{next(ips)}",
+                            "conditions": [
+                                {"type": "Ready", "status": "True"},
+                                {"type": "ContainersReady", "status": "True"},
+                            ],
+                        }
+                    self.core.patch_namespaced_pod_status(
+                        pod.metadata.name, pod.metadata.namespace, {"status": status}
+                    )
+            except ApiException as exc:
+                if exc.status != 404:
+                    self.errors.append(f"{exc.status} {exc.body}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.api.close()
+
+
+@pytest.fixture
+def kubelet(server: Server, admin: client.ApiClient) -> Iterator[FakeKubelet]:
+    """A single-node cluster as kind leaves it (control-plane taint removed) with a kubelet."""
+    untaint(admin)
+    running = FakeKubelet(server)
+    yield running
+    running.stop()
+    assert running.errors == []
+
+
+def untaint(admin: client.ApiClient) -> None:
+    core = client.CoreV1Api(admin)
+    node = core.read_node(NODE_NAME)
+    taints = [t for t in node.spec.taints or [] if t.key != "node-role.kubernetes.io/control-plane"]
+    core.patch_node(NODE_NAME, [{"op": "replace", "path": "/spec/taints", "value": [
+        {"key": t.key, "effect": t.effect} for t in taints
+    ]}])  # fmt: skip
+
+
+def events_of(admin: client.ApiClient, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    listed = client.CoreV1Api(admin).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return [(e.type, e.reason, e.message) for e in listed.items]
+
+
+# -- CRUD and errors -----------------------------------------------------------------------
+def test_create_get_conflicts_and_texts(admin: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(admin)
+    made = core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "cm", "labels": {"a": "1"}}, "data": {"k": "v"}}
+    )
+    with pytest.raises(ApiException) as exists:
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "cm"}})
+    assert exists.value.status == 409
+    assert status_of(exists)["message"] == 'configmaps "cm" already exists'
+    with pytest.raises(ApiException) as missing:
+        client.AppsV1Api(admin).read_namespaced_deployment("nope", namespace)
+    assert missing.value.status == 404
+    assert status_of(missing)["message"] == 'deployments.apps "nope" not found'
+    assert status_of(missing)["details"] == {"name": "nope", "group": "apps", "kind": "deployments"}
+    stale = {
+        "metadata": {
+            "name": "cm",
+            "labels": {"a": "1"},
+            "resourceVersion": made.metadata.resource_version,
+        }
+    }
+    core.replace_namespaced_config_map("cm", namespace, {**stale, "data": {"k": "w"}})
+    with pytest.raises(ApiException) as conflict:
+        core.replace_namespaced_config_map("cm", namespace, {**stale, "data": {"k": "x"}})
+    assert conflict.value.status == 409
+    assert status_of(conflict)["reason"] == "Conflict"
+    with pytest.raises(ApiException) as bad_name:
+        core.create_namespaced_service(
+            namespace, {"metadata": {"name": "1web"}, "spec": {"ports": [{"port": 80}]}}
+        )
+    assert bad_name.value.status == 422
+    assert status_of(bad_name)["message"].startswith(
+        'Service "1web" is invalid: metadata.name: Invalid value: "1web": a DNS-1035 label'
+    )
+    with pytest.raises(ApiException) as no_ns:
+        core.create_namespaced_config_map("absent", {"metadata": {"name": "cm"}})
+    assert no_ns.value.status == 404
+    assert status_of(no_ns)["message"] == 'namespaces "absent" not found'
+    listed = core.list_namespaced_config_map(namespace, label_selector="a=1")
+    assert [c.metadata.name for c in listed.items] == ["cm"]
+    with pytest.raises(ApiException) as bad_field:
+        core.list_namespaced_config_map(namespace, field_selector="data.k=v")
+    assert status_of(bad_field)["message"] == (
+        '"data.k" is not a known field selector: only "metadata.name", "metadata.namespace"'
+    )
+    with pytest.raises(ApiException) as bad_pod_field:
+        core.list_namespaced_pod(namespace, field_selector="spec.foo=v")
+    assert status_of(bad_pod_field)["message"] == "field label not supported: spec.foo"
+
+
+def test_dry_run_stores_nothing(admin: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(admin)
+    made = core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "s"}, "stringData": {"a": "b"}}, dry_run="All"
+    )
+    assert made.data == {"a": "Yg=="}
+    with pytest.raises(ApiException) as missing:
+        core.read_namespaced_secret("s", namespace)
+    assert missing.value.status == 404
+
+
+def test_patch_flavours(admin: client.ApiClient, dyn: DynamicClient, namespace: str) -> None:
+    cms = dyn.resources.get(api_version="v1", kind="ConfigMap")
+    cms.create(body={"metadata": {"name": "p"}, "data": {"a": "1", "b": "2"}}, namespace=namespace)
+    merged = cms.patch(
+        name="p",
+        namespace=namespace,
+        body={"data": {"a": None, "c": "3"}},
+        content_type="application/merge-patch+json",
+    )
+    assert merged.data.to_dict() == {"b": "2", "c": "3"}
+    patched = cms.patch(
+        name="p",
+        namespace=namespace,
+        body=[{"op": "replace", "path": "/data/b", "value": "9"}],
+        content_type="application/json-patch+json",
+    )
+    assert patched.data.b == "9"
+    with pytest.raises(ApiException) as forced:
+        cms.patch(name="p", namespace=namespace, body={"data": {}}, force_conflicts=True,
+                  content_type="application/merge-patch+json")  # fmt: skip
+    assert forced.value.status == 422
+
+
+def test_server_side_apply(admin: client.ApiClient, dyn: DynamicClient, namespace: str) -> None:
+    cms = dyn.resources.get(api_version="v1", kind="ConfigMap")
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"a": "1"}}
+    created = cms.server_side_apply(body=body, namespace=namespace, field_manager="tests")
+    assert created.data.a == "1"
+    managers = [(m.manager, m.operation) for m in created.metadata.managedFields]
+    assert managers == [("tests", "Apply")]
+    again = cms.server_side_apply(
+        body={**body, "data": {"b": "2"}}, namespace=namespace, field_manager="tests",
+        force_conflicts=True,
+    )  # fmt: skip
+    assert again.data.to_dict() == {"a": "1", "b": "2"}
+    with pytest.raises(ApiException) as no_manager:
+        cms.server_side_apply(body=body, namespace=namespace)
+    assert no_manager.value.status == 422
+    assert status_of(no_manager)["message"] == (
+        'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is required for '
+        "apply patch"
+    )
+    with pytest.raises(ApiException) as wrong_version:
+        cms.server_side_apply(
+            body={**body, "apiVersion": "v2"}, namespace=namespace, field_manager="tests"
+        )
+    assert wrong_version.value.status == 400
+    assert status_of(wrong_version)["message"] == (
+        "Incorrect version specified in apply patch. Specified patch version: v2, expected: v1"
+    )
+
+
+def test_apply_bodies_must_be_json(server: Server, namespace: str) -> None:
+    code, _, body = server.raw(
+        "PATCH",
+        f"/api/v1/namespaces/{namespace}/configmaps/y?fieldManager=t",
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\n",
+        {"Content-Type": "application/apply-patch+yaml"},
+    )
+    assert code == 415
+    assert "only JSON-encoded" in body["message"]
