@@ -69,9 +69,7 @@ def make_pki(folder: Path) -> dict[str, str]:
             "-subj", subject,
         )  # fmt: skip
         ext = folder / f"{name}.ext"
-        ext.write_text(
-            f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else "")
-        )
+        ext.write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
         openssl(
             "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
             "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext),
@@ -242,9 +240,7 @@ def test_discovery_through_the_dynamic_client(dyn: DynamicClient) -> None:
 
 
 def test_aggregated_discovery_is_answered_with_legacy_json(server: Server) -> None:
-    accept = (
-        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
-    )
+    accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
     code, headers, body = server.raw("GET", "/apis", headers={"Accept": accept})
     assert code == 200
     assert headers["Content-Type"] == "application/json"
@@ -417,7 +413,12 @@ def test_patch_flavours(admin: client.ApiClient, dyn: DynamicClient, namespace: 
 
 def test_server_side_apply(admin: client.ApiClient, dyn: DynamicClient, namespace: str) -> None:
     cms = dyn.resources.get(api_version="v1", kind="ConfigMap")
-    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"a": "1"}}
+    body = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "ssa"},
+        "data": {"a": "1"},
+    }
     created = cms.server_side_apply(body=body, namespace=namespace, field_manager="tests")
     assert created.data.a == "1"
     managers = [(m.manager, m.operation) for m in created.metadata.managedFields]
@@ -453,3 +454,427 @@ def test_apply_bodies_must_be_json(server: Server, namespace: str) -> None:
     )
     assert code == 415
     assert "only JSON-encoded" in body["message"]
+
+
+# -- custom resources ------------------------------------------------------------------------
+def widget_crd(name: str = "widgets.example.com") -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["size"],
+                "properties": {
+                    "size": {"type": "integer", "minimum": 1},
+                    "color": {"type": "string", "enum": ["red", "blue"]},
+                    "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            },
+            "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": name},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "kind": "Widget", "shortNames": ["wd"]},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                }
+            ],
+        },
+    }
+
+
+def test_crd_validation_texts(admin: client.ApiClient) -> None:
+    ext = client.ApiextensionsV1Api(admin)
+    with pytest.raises(ApiException) as wrong_name:
+        ext.create_custom_resource_definition(widget_crd("widget.example.com"))
+    assert wrong_name.value.status == 422
+    assert status_of(wrong_name)["message"] == (
+        'CustomResourceDefinition.apiextensions.k8s.io "widget.example.com" is invalid: '
+        'metadata.name: Invalid value: "widget.example.com": must be spec.names.plural+"."+'
+        "spec.group"
+    )
+    crd = widget_crd()
+    crd["spec"]["versions"][0]["storage"] = False
+    del crd["spec"]["versions"][0]["schema"]
+    with pytest.raises(ApiException) as no_storage:
+        ext.create_custom_resource_definition(crd)
+    causes = {c["field"]: c["message"] for c in status_of(no_storage)["details"]["causes"]}
+    assert causes["spec.versions"].endswith(
+        "must have exactly one version marked as storage version"
+    )
+    assert (
+        causes["spec.versions[0].schema.openAPIV3Schema"] == "Required value: schemas are required"
+    )
+
+
+def test_custom_resources_appear_once_established(
+    admin: client.ApiClient, dyn: DynamicClient, namespace: str
+) -> None:
+    ext = client.ApiextensionsV1Api(admin)
+    custom = client.CustomObjectsApi(admin)
+    ext.create_custom_resource_definition(widget_crd())
+    item = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
+            "spec": {"size": 2, "unknown": 1, "extra": {"any": "thing"}}}  # fmt: skip
+    # right after creation, as on a real cluster, the resource is not served yet
+    with pytest.raises(ApiException) as early:
+        custom.create_namespaced_custom_object("example.com", "v1", namespace, "widgets", item)
+    assert early.value.status == 404
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition("widgets.example.com")
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+        )
+
+    wait_until(established, 5, "the CRD to be Established")
+    crd = ext.read_custom_resource_definition("widgets.example.com")
+    assert [c.type for c in crd.status.conditions] == ["NamesAccepted", "Established"]
+    made = custom.create_namespaced_custom_object("example.com", "v1", namespace, "widgets", item)
+    assert made["spec"] == {"size": 2, "extra": {"any": "thing"}}  # unknown field pruned
+    widgets = dyn.resources.get(api_version="example.com/v1", kind="Widget")
+    assert widgets.short_names == ["wd"]
+    assert widgets.subresources["status"].kind == "Widget"
+    with pytest.raises(ApiException) as typed:
+        widgets.create(
+            body={**item, "metadata": {"name": "x"}, "spec": {"size": "big"}}, namespace=namespace
+        )
+    assert typed.value.status == 422
+    assert status_of(typed)["message"] == (
+        'Widget.example.com "x" is invalid: spec.size: Invalid value: "string": spec.size in '
+        'body must be of type integer: "string"'
+    )
+    with pytest.raises(ApiException) as required:
+        widgets.create(body={**item, "metadata": {"name": "y"}, "spec": {}}, namespace=namespace)
+    assert status_of(required)["details"]["causes"] == [
+        {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.size"}
+    ]
+    # the status subresource: the main resource ignores status, /status changes only status
+    stored = widgets.patch(name="w", namespace=namespace, body={"status": {"ready": True}},
+                           content_type="application/merge-patch+json")  # fmt: skip
+    assert stored.status is None
+    stored = widgets.status.patch(name="w", namespace=namespace, body={"status": {"ready": True}},
+                                  content_type="application/merge-patch+json")  # fmt: skip
+    assert stored.status.ready is True
+    applied = widgets.server_side_apply(
+        body={"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "z"},
+              "spec": {"size": 5}},
+        namespace=namespace, field_manager="tests",
+    )  # fmt: skip
+    assert applied.spec.size == 5
+    ext.delete_custom_resource_definition("widgets.example.com")
+    code, _, _ = server_of(admin).raw(
+        "GET", f"/apis/example.com/v1/namespaces/{namespace}/widgets/w"
+    )
+    assert code == 404
+    _, _, groups = server_of(admin).raw("GET", "/apis")
+    assert "example.com" not in [g["name"] for g in groups["groups"]]
+
+
+_servers: dict[str, Server] = {}
+
+
+def server_of(api: client.ApiClient) -> Server:
+    return _servers[api.configuration.host]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _register(server: Server) -> None:
+    _servers[server.url] = server
+
+
+# -- workloads -------------------------------------------------------------------------------
+def test_deployment_rolls_out_to_available(
+    admin: client.ApiClient, namespace: str, kubelet: FakeKubelet
+) -> None:
+    apps, core = client.AppsV1Api(admin), client.CoreV1Api(admin)
+    body = {
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "c", "image": "nginx:1", "ports": [
+                    {"name": "http", "containerPort": 8080}]}]},
+            },
+        },
+    }  # fmt: skip
+    apps.create_namespaced_deployment(namespace, body)
+
+    def available() -> Any:
+        d = apps.read_namespaced_deployment_status("web", namespace)
+        conditions = {c.type: c.reason for c in d.status.conditions or []}
+        done = d.status.available_replicas == 2 and conditions.get("Progressing") == (
+            "NewReplicaSetAvailable"
+        )
+        return d if done else None
+
+    deployment = wait_until(available, 10, "the Deployment to be Available")
+    assert {c.type: (c.status, c.reason) for c in deployment.status.conditions} == {
+        "Available": ("True", "MinimumReplicasAvailable"),
+        "Progressing": ("True", "NewReplicaSetAvailable"),
+    }
+    assert deployment.status.observed_generation == 1
+    (rs,) = apps.list_namespaced_replica_set(namespace).items
+    digest = rs.metadata.labels["pod-template-hash"]
+    assert rs.metadata.name == f"web-{digest}"
+    assert rs.metadata.owner_references[0].kind == "Deployment"
+    pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+    assert len(pods) == 2
+    assert all(p.metadata.name.startswith(f"web-{digest}-") for p in pods)
+    assert all(len(p.metadata.name) == len(f"web-{digest}-") + 5 for p in pods)
+    assert {p.spec.node_name for p in pods} == {NODE_NAME}
+    reasons = [r for _, r, _ in events_of(admin, namespace, "web")]
+    assert "ScalingReplicaSet" in reasons
+    assert ("Normal", "SuccessfulCreate") in {
+        (t, r) for t, r, _ in events_of(admin, namespace, rs.metadata.name)
+    }
+    # a Service selects the pods: ClusterIP from the service subnet, endpoints by named port
+    svc = core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": {
+        "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}})  # fmt: skip
+    assert svc.spec.cluster_ip.startswith("10.96.")
+    def endpoints() -> Any:
+        try:
+            found = core.read_namespaced_endpoints("web", namespace)
+        except ApiException as exc:
+            assert exc.status == 404
+            return None
+        return found if found.subsets else None
+
+    ep = wait_until(endpoints, 5, "endpoints")
+    assert sorted(a.ip for a in ep.subsets[0].addresses) == sorted(p.status.pod_ip for p in pods)
+    assert ep.subsets[0].ports[0].port == 8080
+    slices = (
+        client.DiscoveryV1Api(admin)
+        .list_namespaced_endpoint_slice(namespace, label_selector="kubernetes.io/service-name=web")
+        .items
+    )
+    assert len(slices) == 1
+    assert all(e.conditions.ready for e in slices[0].endpoints)
+    # a template change rolls out a new ReplicaSet; scaling goes through the scale subresource
+    apps.patch_namespaced_deployment("web", namespace, {"spec": {"template": {"metadata": {
+        "annotations": {"v": "2"}}}}})  # fmt: skip
+    wait_until(
+        lambda: len([r for r in apps.list_namespaced_replica_set(namespace).items
+                     if r.spec.replicas]) == 1
+        and apps.read_namespaced_deployment("web", namespace).status.updated_replicas == 2,
+        10, "the rollout",
+    )  # fmt: skip
+    apps.patch_namespaced_deployment_scale("web", namespace, {"spec": {"replicas": 3}})
+    wait_until(
+        lambda: apps.read_namespaced_deployment("web", namespace).status.available_replicas == 3,
+        10,
+        "three available replicas",
+    )
+    # deleting the Deployment collects its ReplicaSets and pods
+    apps.delete_namespaced_deployment("web", namespace)
+    wait_until(lambda: not core.list_namespaced_pod(namespace).items, 5, "garbage collection")
+    assert apps.list_namespaced_replica_set(namespace).items == []
+
+
+def test_job_runs_to_complete(
+    admin: client.ApiClient, namespace: str, kubelet: FakeKubelet
+) -> None:
+    batch = client.BatchV1Api(admin)
+    template = {"metadata": {"labels": {"exit": "0"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}  # fmt: skip
+    with pytest.raises(ApiException) as invalid:
+        batch.create_namespaced_job(
+            namespace, {"metadata": {"name": "j"}, "spec": {"template": template}}
+        )
+    assert status_of(invalid)["message"] == (
+        'Job.batch "j" is invalid: spec.template.spec.restartPolicy: Required value: valid '
+        'values: "OnFailure", "Never"'
+    )
+    template["spec"]["restartPolicy"] = "Never"
+    batch.create_namespaced_job(
+        namespace, {"metadata": {"name": "j"}, "spec": {"template": template}}
+    )
+    job = wait_until(
+        lambda: (j := batch.read_namespaced_job("j", namespace)).status.succeeded == 1 and j,
+        10,
+        "the Job to succeed",
+    )
+    assert ("Complete", "True") in [(c.type, c.status) for c in job.status.conditions]
+    assert job.status.completion_time is not None
+
+
+def test_scheduler_taints_and_selectors(admin: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(admin)
+    node = core.read_node(NODE_NAME)
+    core.patch_node(NODE_NAME, {"spec": {"taints": [
+        {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]}})  # fmt: skip
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    core.create_namespaced_pod(namespace, pod)
+    expected = (
+        "0/1 nodes are available: 1 node(s) had untolerated taint "
+        "{node-role.kubernetes.io/control-plane: }. preemption: 0/1 nodes are available: 1 "
+        "Preemption is not helpful for scheduling."
+    )
+    wait_until(
+        lambda: ("Warning", "FailedScheduling", expected) in events_of(admin, namespace, "p"),
+        5,
+        "FailedScheduling",
+    )
+    scheduled = core.read_namespaced_pod("p", namespace).status.conditions
+    assert [(c.type, c.status, c.reason) for c in scheduled] == [
+        ("PodScheduled", "False", "Unschedulable")
+    ]
+    tolerant = {**pod, "metadata": {"name": "t"}, "spec": {**pod["spec"], "tolerations": [
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}}  # fmt: skip
+    core.create_namespaced_pod(namespace, tolerant)
+    wait_until(lambda: core.read_namespaced_pod("t", namespace).spec.node_name, 5, "binding")
+    picky = {**pod, "metadata": {"name": "s"}, "spec": {**pod["spec"], "tolerations":
+             tolerant["spec"]["tolerations"], "nodeSelector": {"disk": "ssd"}}}  # fmt: skip
+    core.create_namespaced_pod(namespace, picky)
+    wait_until(
+        lambda: any("didn't match Pod's node affinity/selector" in m
+                    for _, _, m in events_of(admin, namespace, "s")),
+        5, "FailedScheduling for the selector",
+    )  # fmt: skip
+    untaint(admin)
+    wait_until(lambda: core.read_namespaced_pod("p", namespace).spec.node_name, 5, "rescheduling")
+    assert node.metadata.labels["node-role.kubernetes.io/control-plane"] == ""
+    deleted = core.delete_namespaced_pod("p", namespace)
+    assert deleted.metadata.name == "p"
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_pod("p", namespace)
+    assert gone.value.status == 404
+
+
+def test_node_ports_and_cluster_ips(admin: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(admin)
+    svc = core.create_namespaced_service(namespace, {"metadata": {"name": "np"}, "spec": {
+        "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})  # fmt: skip
+    assert svc.spec.ports[0].node_port == 30080
+    with pytest.raises(ApiException) as taken:
+        core.create_namespaced_service(namespace, {"metadata": {"name": "np2"}, "spec": {
+            "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})  # fmt: skip
+    assert status_of(taken)["message"] == (
+        'Service "np2" is invalid: spec.ports[0].nodePort: Invalid value: 30080: provided port '
+        "is already allocated"
+    )
+    with pytest.raises(ApiException) as out_of_range:
+        core.create_namespaced_service(namespace, {"metadata": {"name": "np3"}, "spec": {
+            "type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}})  # fmt: skip
+    assert (
+        "provided port is not in the valid range. The range of valid ports is 30000-32767"
+        in (status_of(out_of_range)["message"])
+    )
+    auto = core.create_namespaced_service(namespace, {"metadata": {"name": "lb"}, "spec": {
+        "type": "LoadBalancer", "ports": [{"port": 443}]}})  # fmt: skip
+    assert 30000 <= auto.spec.ports[0].node_port <= 32767
+    kubernetes = core.read_namespaced_service("kubernetes", "default")
+    assert kubernetes.spec.cluster_ip == "10.96.0.1"
+    with pytest.raises(ApiException) as used_ip:
+        core.create_namespaced_service(namespace, {"metadata": {"name": "ip"}, "spec": {
+            "clusterIP": "10.96.0.1", "ports": [{"port": 80}]}})  # fmt: skip
+    assert (
+        "failed to allocate IP 10.96.0.1: provided IP is already allocated"
+        in (status_of(used_ip)["message"])
+    )
+
+
+# -- identities ------------------------------------------------------------------------------
+def test_kubelet_identity_is_limited(server: Server, namespace: str) -> None:
+    node = server.client("node")
+    try:
+        core = client.CoreV1Api(node)
+        core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE_NAME}")
+        core.list_namespaced_service(namespace)
+        core.read_namespaced_config_map("kube-root-ca.crt", namespace)
+        with pytest.raises(ApiException) as denied:
+            core.create_namespaced_config_map(namespace, {"metadata": {"name": "x"}})
+        assert denied.value.status == 403
+        assert status_of(denied)["message"] == (
+            f'configmaps is forbidden: User "system:node:{NODE_NAME}" cannot create resource '
+            f'"configmaps" in API group "" in the namespace "{namespace}"'
+        )
+        with pytest.raises(ApiException) as no_apps:
+            client.AppsV1Api(node).list_namespaced_deployment(namespace)
+        assert 'in API group "apps"' in status_of(no_apps)["message"]
+    finally:
+        node.close()
+    code, _, body = server.raw("GET", "/api/v1/namespaces", who="nobody")
+    assert code == 403
+    assert body["message"] == (
+        'namespaces is forbidden: User "jane" cannot list resource "namespaces" in API group "" '
+        "at the cluster scope"
+    )
+
+
+def test_streaming_routes_reach_the_streaming_module(
+    server: Server, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str, dict[str, list[str]]]] = []
+
+    class FakeStreaming:
+        @staticmethod
+        def serve(handler: Any, subresource: str, pod: dict[str, Any], query: Any) -> None:
+            calls.append((subresource, pod["metadata"]["name"], query))
+            data = b"hello\n"
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/plain")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+
+    monkeypatch.setattr(apiserver, "_streaming", lambda: FakeStreaming)
+    code, _, body = server.raw("GET", f"/api/v1/namespaces/{namespace}/pods/nope/log")
+    assert code == 404
+    assert body["message"] == 'pods "nope" not found'
+    pod = {"metadata": {"name": "s"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    client.CoreV1Api(server.client()).create_namespaced_pod(namespace, pod)
+    code, _, body = server.raw("GET", f"/api/v1/namespaces/{namespace}/pods/s/log", who="nobody")
+    assert code == 403
+    assert body["message"] == (
+        'pods "s" is forbidden: User "jane" cannot get resource "pods/log" in API group "" in '
+        f'the namespace "{namespace}"'
+    )
+    code, _, body = server.raw("GET", f"/api/v1/namespaces/{namespace}/pods/s/log?tailLines=3")
+    assert (code, body) == (200, "hello\n")
+    code, _, _ = server.raw("POST", f"/api/v1/namespaces/{namespace}/pods/s/portforward?ports=80")
+    assert code == 200
+    assert calls == [("log", "s", {"tailLines": ["3"]}), ("portforward", "s", {"ports": ["80"]})]
+
+    def missing() -> ModuleType:
+        raise ModuleNotFoundError("No module named 'streaming'", name="streaming")
+
+    monkeypatch.setattr(apiserver, "_streaming", missing)
+    code, _, body = server.raw("GET", f"/api/v1/namespaces/{namespace}/pods/s/log")
+    assert code == 503
+    assert "streaming.py" in body["message"]
+
+
+def test_namespace_deletion_removes_its_objects(admin: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(admin)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cm"}})
+    core.delete_namespace(namespace)
+    with pytest.raises(ApiException) as terminating:
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "other"}})
+    assert terminating.value.status == 403
+    assert status_of(terminating)["message"] == (
+        f"unable to create new content in namespace {namespace} because it is being terminated"
+    )
+    wait_until(
+        lambda: namespace not in [n.metadata.name for n in core.list_namespace().items],
+        5,
+        "the namespace to go",
+    )
+    assert (
+        core.list_config_map_for_all_namespaces(
+            field_selector=f"metadata.namespace={namespace}"
+        ).items
+        == []
+    )

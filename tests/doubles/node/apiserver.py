@@ -1461,7 +1461,10 @@ class Api:
         """Defaults and normalisation (before validation)."""
         gr = res.group_resource
         if old is None and "status" in res.subresources and gr != "pods":
-            obj.pop("status", None)  # status is the controllers' (kubelet's) to write
+            # status is the controllers' (kubelet's) to write; built-in types start with {}
+            obj.pop("status", None)
+            if not res.crd:
+                obj["status"] = {}
         if gr == "secrets":
             self._normalize_secret(obj)
         elif gr == "configmaps":
@@ -2245,8 +2248,8 @@ class ApiServer(ThreadingHTTPServer):
                 with self.cluster.lock:
                     self.cluster.run_due()
                     if self.cluster.revision != seen:
+                        seen = self.cluster.revision  # changes made here trigger another pass
                         controllers.reconcile(self.cluster)
-                        seen = self.cluster.revision
             except Exception as exc:  # noqa: BLE001 - a controller bug must not stop the others
                 self.log(f"controller error: {exc!r}")
 
