@@ -88,7 +88,7 @@ class Server:
         self.pki = make_pki(folder)
         self.cni = folder / "10-kindnet.conflist"
         self.cni.write_text("{}")
-        cfg = {
+        cfg: dict[str, Any] = {
             "cert": self.pki["server"],
             "key": self.pki["server_key"],
             "ca_cert": self.pki["ca"],
@@ -184,6 +184,11 @@ def dyn(admin: client.ApiClient) -> DynamicClient:
     return DynamicClient(admin, cache_file=path)
 
 
+def typed_api(api_class: Any, api_client: client.ApiClient) -> Any:
+    """An API of the official client, typed Any: the tests send plain dict bodies."""
+    return api_class(api_client)
+
+
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -196,7 +201,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def status_of(exc: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
-    body = json.loads(exc.value.body)
+    body = json.loads(exc.value.body or "")
     assert isinstance(body, dict)
     return body
 
@@ -207,7 +212,7 @@ _namespaces = iter(range(1000))
 @pytest.fixture
 def namespace(admin: client.ApiClient) -> str:
     """A fresh namespace whose `default` ServiceAccount exists."""
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     name = f"test-{next(_namespaces)}"
     core.create_namespace({"metadata": {"name": name}})
     wait_until(
@@ -251,12 +256,15 @@ def test_aggregated_discovery_is_answered_with_legacy_json(server: Server) -> No
 
 
 class FakeKubelet:
-    """What the kubelet double will do, through the API as `system:node:NAME`: run every pod
-    bound to the node (Running + Ready + a pod IP), or end it when its label says so."""
+    """What the kubelet double will do, through the API as `system:node:NAME`.
+
+    It runs every pod bound to the node (Running + Ready + a pod IP), or ends it when its `exit`
+    label says so.
+    """
 
     def __init__(self, server: Server) -> None:
         self.api = server.client("node")
-        self.core = client.CoreV1Api(self.api)
+        self.core = typed_api(client.CoreV1Api, self.api)
         self.stopping = threading.Event()
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -311,7 +319,7 @@ def kubelet(server: Server, admin: client.ApiClient) -> Iterator[FakeKubelet]:
 
 
 def untaint(admin: client.ApiClient) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     node = core.read_node(NODE_NAME)
     taints = [t for t in node.spec.taints or [] if t.key != "node-role.kubernetes.io/control-plane"]
     core.patch_node(NODE_NAME, [{"op": "replace", "path": "/spec/taints", "value": [
@@ -320,7 +328,7 @@ def untaint(admin: client.ApiClient) -> None:
 
 
 def events_of(admin: client.ApiClient, namespace: str, name: str) -> list[tuple[str, str, str]]:
-    listed = client.CoreV1Api(admin).list_namespaced_event(
+    listed = typed_api(client.CoreV1Api, admin).list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name}"
     )
     return [(e.type, e.reason, e.message) for e in listed.items]
@@ -328,7 +336,7 @@ def events_of(admin: client.ApiClient, namespace: str, name: str) -> list[tuple[
 
 # -- CRUD and errors -----------------------------------------------------------------------
 def test_create_get_conflicts_and_texts(admin: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     made = core.create_namespaced_config_map(
         namespace, {"metadata": {"name": "cm", "labels": {"a": "1"}}, "data": {"k": "v"}}
     )
@@ -337,7 +345,7 @@ def test_create_get_conflicts_and_texts(admin: client.ApiClient, namespace: str)
     assert exists.value.status == 409
     assert status_of(exists)["message"] == 'configmaps "cm" already exists'
     with pytest.raises(ApiException) as missing:
-        client.AppsV1Api(admin).read_namespaced_deployment("nope", namespace)
+        typed_api(client.AppsV1Api, admin).read_namespaced_deployment("nope", namespace)
     assert missing.value.status == 404
     assert status_of(missing)["message"] == 'deployments.apps "nope" not found'
     assert status_of(missing)["details"] == {"name": "nope", "group": "apps", "kind": "deployments"}
@@ -378,7 +386,7 @@ def test_create_get_conflicts_and_texts(admin: client.ApiClient, namespace: str)
 
 
 def test_dry_run_stores_nothing(admin: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     made = core.create_namespaced_secret(
         namespace, {"metadata": {"name": "s"}, "stringData": {"a": "b"}}, dry_run="All"
     )
@@ -495,7 +503,7 @@ def widget_crd(name: str = "widgets.example.com") -> dict[str, Any]:
 
 
 def test_crd_validation_texts(admin: client.ApiClient) -> None:
-    ext = client.ApiextensionsV1Api(admin)
+    ext = typed_api(client.ApiextensionsV1Api, admin)
     with pytest.raises(ApiException) as wrong_name:
         ext.create_custom_resource_definition(widget_crd("widget.example.com"))
     assert wrong_name.value.status == 422
@@ -521,8 +529,8 @@ def test_crd_validation_texts(admin: client.ApiClient) -> None:
 def test_custom_resources_appear_once_established(
     admin: client.ApiClient, dyn: DynamicClient, namespace: str
 ) -> None:
-    ext = client.ApiextensionsV1Api(admin)
-    custom = client.CustomObjectsApi(admin)
+    ext = typed_api(client.ApiextensionsV1Api, admin)
+    custom = typed_api(client.CustomObjectsApi, admin)
     ext.create_custom_resource_definition(widget_crd())
     item = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
             "spec": {"size": 2, "unknown": 1, "extra": {"any": "thing"}}}  # fmt: skip
@@ -597,7 +605,7 @@ def _register(server: Server) -> None:
 def test_deployment_rolls_out_to_available(
     admin: client.ApiClient, namespace: str, kubelet: FakeKubelet
 ) -> None:
-    apps, core = client.AppsV1Api(admin), client.CoreV1Api(admin)
+    apps, core = typed_api(client.AppsV1Api, admin), typed_api(client.CoreV1Api, admin)
     body = {
         "metadata": {"name": "web"},
         "spec": {
@@ -644,11 +652,13 @@ def test_deployment_rolls_out_to_available(
     svc = core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": {
         "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}})  # fmt: skip
     assert svc.spec.cluster_ip.startswith("10.96.")
+
     def endpoints() -> Any:
         try:
             found = core.read_namespaced_endpoints("web", namespace)
         except ApiException as exc:
-            assert exc.status == 404
+            if exc.status != 404:
+                raise
             return None
         return found if found.subsets else None
 
@@ -656,7 +666,7 @@ def test_deployment_rolls_out_to_available(
     assert sorted(a.ip for a in ep.subsets[0].addresses) == sorted(p.status.pod_ip for p in pods)
     assert ep.subsets[0].ports[0].port == 8080
     slices = (
-        client.DiscoveryV1Api(admin)
+        typed_api(client.DiscoveryV1Api, admin)
         .list_namespaced_endpoint_slice(namespace, label_selector="kubernetes.io/service-name=web")
         .items
     )
@@ -686,8 +696,8 @@ def test_deployment_rolls_out_to_available(
 def test_job_runs_to_complete(
     admin: client.ApiClient, namespace: str, kubelet: FakeKubelet
 ) -> None:
-    batch = client.BatchV1Api(admin)
-    template = {"metadata": {"labels": {"exit": "0"}},
+    batch = typed_api(client.BatchV1Api, admin)
+    template: dict[str, Any] = {"metadata": {"labels": {"exit": "0"}},
                 "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}  # fmt: skip
     with pytest.raises(ApiException) as invalid:
         batch.create_namespaced_job(
@@ -711,11 +721,14 @@ def test_job_runs_to_complete(
 
 
 def test_scheduler_taints_and_selectors(admin: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     node = core.read_node(NODE_NAME)
     core.patch_node(NODE_NAME, {"spec": {"taints": [
         {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]}})  # fmt: skip
-    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    pod: dict[str, Any] = {
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "x:1"}]},
+    }
     core.create_namespaced_pod(namespace, pod)
     expected = (
         "0/1 nodes are available: 1 node(s) had untolerated taint "
@@ -754,7 +767,7 @@ def test_scheduler_taints_and_selectors(admin: client.ApiClient, namespace: str)
 
 
 def test_node_ports_and_cluster_ips(admin: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     svc = core.create_namespaced_service(namespace, {"metadata": {"name": "np"}, "spec": {
         "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}})  # fmt: skip
     assert svc.spec.ports[0].node_port == 30080
@@ -790,7 +803,7 @@ def test_node_ports_and_cluster_ips(admin: client.ApiClient, namespace: str) -> 
 def test_kubelet_identity_is_limited(server: Server, namespace: str) -> None:
     node = server.client("node")
     try:
-        core = client.CoreV1Api(node)
+        core = typed_api(client.CoreV1Api, node)
         core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE_NAME}")
         core.list_namespaced_service(namespace)
         core.read_namespaced_config_map("kube-root-ca.crt", namespace)
@@ -802,7 +815,7 @@ def test_kubelet_identity_is_limited(server: Server, namespace: str) -> None:
             f'"configmaps" in API group "" in the namespace "{namespace}"'
         )
         with pytest.raises(ApiException) as no_apps:
-            client.AppsV1Api(node).list_namespaced_deployment(namespace)
+            typed_api(client.AppsV1Api, node).list_namespaced_deployment(namespace)
         assert 'in API group "apps"' in status_of(no_apps)["message"]
     finally:
         node.close()
@@ -835,7 +848,7 @@ def test_streaming_routes_reach_the_streaming_module(
     assert code == 404
     assert body["message"] == 'pods "nope" not found'
     pod = {"metadata": {"name": "s"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
-    client.CoreV1Api(server.client()).create_namespaced_pod(namespace, pod)
+    typed_api(client.CoreV1Api, server.client()).create_namespaced_pod(namespace, pod)
     code, _, body = server.raw("GET", f"/api/v1/namespaces/{namespace}/pods/s/log", who="nobody")
     assert code == 403
     assert body["message"] == (
@@ -858,7 +871,7 @@ def test_streaming_routes_reach_the_streaming_module(
 
 
 def test_namespace_deletion_removes_its_objects(admin: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(admin)
+    core = typed_api(client.CoreV1Api, admin)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "cm"}})
     core.delete_namespace(namespace)
     with pytest.raises(ApiException) as terminating:

@@ -23,7 +23,6 @@ import random
 import re
 import socket
 import ssl
-import string
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ except ImportError:  # in the node image: /kipik-node/*.py next to this script
     import controllers  # type: ignore[import-not-found,no-redef]
     import podspec  # type: ignore[import-not-found,no-redef]
     import resources  # type: ignore[import-not-found,no-redef]
-    from resources import Resource  # type: ignore[import-not-found,no-redef]
+    from resources import Resource  # type: ignore[no-redef]
 
 JSON = dict[str, Any]
 
@@ -538,7 +537,7 @@ class Cluster:
         return sorted({key[0] for key in self.objects})
 
     # -- events ------------------------------------------------------------------------------
-    def record_event(
+    def record_event(  # noqa: PLR0917 - positional like the request's parts
         self,
         involved: JSON,
         kind: str,
@@ -1027,7 +1026,7 @@ class Api:
         obj["metadata"]["managedFields"] = entries
 
     # -- verbs -------------------------------------------------------------------------------
-    def list(self, res: Resource, namespace: str, query: dict[str, str]) -> JSON:
+    def list_objects(self, res: Resource, namespace: str, query: dict[str, str]) -> JSON:
         labels = label_selector_matcher(query.get("labelSelector", ""))
         fields = field_selector_matcher(query.get("fieldSelector", ""), res.group_resource)
         if namespace and res.namespaced and self.c.get("namespaces", "", namespace) is None:
@@ -1117,7 +1116,7 @@ class Api:
         self._after_create(res, namespace, obj)
         return self._typed(res, obj)
 
-    def update(
+    def update(  # noqa: PLR0917 - positional like the request's parts
         self, res: Resource, namespace: str, name: str, sub: str, body: Any, opts: Options
     ) -> JSON:
         if namespace:
@@ -1149,7 +1148,7 @@ class Api:
             )
         return self._store_update(res, namespace, old, new, sub, opts, "Update", body)
 
-    def _store_update(
+    def _store_update(  # noqa: PLR0917 - positional like the request's parts
         self,
         res: Resource,
         namespace: str,
@@ -1208,7 +1207,7 @@ class Api:
         self.c.put(gr, namespace, new)
         return self._typed(res, new)
 
-    def patch(
+    def patch(  # noqa: PLR0917 - positional like the request's parts
         self,
         res: Resource,
         namespace: str,
@@ -1424,7 +1423,7 @@ class Api:
     def delete_collection(
         self, res: Resource, namespace: str, query: dict[str, str], opts: Options
     ) -> JSON:
-        listed = self.list(res, namespace, query)
+        listed = self.list_objects(res, namespace, query)
         for item in listed["items"]:
             with contextlib.suppress(ApiError):
                 self.delete(
@@ -1791,10 +1790,6 @@ class Api:
         return scale
 
 
-def unknown_resource() -> ApiError:
-    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
-
-
 def parse_api_path(path: str) -> tuple[str, str, list[str]] | None:
     """`/api/v1/...` or `/apis/GROUP/VERSION/...` -> (group, version, remaining segments)."""
     parts = path.strip("/").split("/")
@@ -1907,7 +1902,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         except Exception as exc:  # a bug of the double: answered as kube-apiserver answers panics
             self.server.log(f"internal error: {traceback.format_exc()}")
-            code, body = 500, ApiError(500, "InternalError", f"Internal error occurred: {exc!r}", {}).status()
+            code, body = (
+                500,
+                ApiError(500, "InternalError", f"Internal error occurred: {exc!r}", {}).status(),
+            )
         self.server.log(f"{method} {self.path} {code} user={user} peer={self.client_address[0]}")
         if isinstance(body, str):
             data, ctype = body.encode(), "text/plain; charset=utf-8"
@@ -1950,7 +1948,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         module.serve(self, request.subresource, request.pod, query)
 
-    def forbidden(
+    def forbidden(  # noqa: PLR0917 - positional like the request's parts
         self,
         user: str,
         verb: str,
@@ -1979,7 +1977,7 @@ class Handler(BaseHTTPRequestHandler):
         details["kind"] = res.plural
         return ApiError(403, "Forbidden", message, details)
 
-    def route(
+    def route(  # noqa: PLR0917 - positional like the request's parts
         self,
         method: str,
         path: str,
@@ -2105,7 +2103,7 @@ class Handler(BaseHTTPRequestHandler):
                     if "All" in (options.get("dryRun") or []):
                         opts.dry_run = True
         if method == "GET" and not name:
-            listed = api.list(res, namespace, query)
+            listed = api.list_objects(res, namespace, query)
             return 200, as_table(res.plural, listed) if table else listed
         if method == "POST" and not name:
             return 201, api.create(res, namespace, body, opts)
@@ -2250,7 +2248,7 @@ class ApiServer(ThreadingHTTPServer):
                     if self.cluster.revision != seen:
                         seen = self.cluster.revision  # changes made here trigger another pass
                         controllers.reconcile(self.cluster)
-            except Exception as exc:  # noqa: BLE001 - a controller bug must not stop the others
+            except Exception as exc:  # a controller bug must not stop the others
                 self.log(f"controller error: {exc!r}")
 
     def server_close(self) -> None:

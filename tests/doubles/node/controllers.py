@@ -162,7 +162,6 @@ def start_cluster(cluster: Cluster) -> None:
     """The `kubernetes` Service, its Endpoints and EndpointSlice in `default`."""
     network = service_network(cluster)
     ip = str(network[1])
-    port = int(cluster.cfg.get("port", 6443)) if cluster.cfg.get("port") else 6443
     labels = {"component": "apiserver", "provider": "kubernetes"}
     service: JSON = {
         "kind": "Service",
@@ -198,7 +197,7 @@ def start_cluster(cluster: Cluster) -> None:
             "subsets": [
                 {
                     "addresses": [{"ip": address}],
-                    "ports": [{"name": "https", "port": 6443 or port, "protocol": "TCP"}],
+                    "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
                 }
             ],
         },
@@ -402,10 +401,10 @@ def allocate_service(
                 )
             else:
                 while True:
-                    candidate = random.randint(low, high)
-                    if candidate not in used_ports and candidate not in mine:
-                        port["nodePort"] = candidate
-                        mine.add(candidate)
+                    number = random.randint(low, high)
+                    if number not in used_ports and number not in mine:
+                        port["nodePort"] = number
+                        mine.add(number)
                         break
     return errors
 
@@ -511,7 +510,7 @@ def workload_errors(group_resource: str, obj: JSON, old: JSON | None) -> list[po
                         "v1.LabelSelector{MatchLabels:map[string]string(nil), "
                         "MatchExpressions:[]v1.LabelSelectorRequirement(nil)}"
                     ),
-                    f"empty selector is invalid for {group_resource.split('.')[0][:-1]}",
+                    f"empty selector is invalid for {group_resource.partition('.')[0][:-1]}",
                 )
             )
         elif not selector_matches(selector, labels):
@@ -730,7 +729,7 @@ def schedule(cluster: Cluster) -> None:
             )
 
 
-def _create_pods(
+def _create_pods(  # noqa: PLR0917 - positional like the request's parts
     cluster: Cluster,
     owner: JSON,
     kind: str,
@@ -763,7 +762,7 @@ def _create_pods(
             body["metadata"]["annotations"] = dict(annotations)
         try:
             pod = cluster.api.system_create("pods", meta["namespace"], body, component)
-        except Exception as exc:  # noqa: BLE001 - an ApiError; reported like the controller does
+        except Exception as exc:  # an ApiError, reported as the controller reports it
             message = getattr(exc, "message", str(exc))
             event(
                 cluster,
@@ -916,7 +915,7 @@ def _surge(spec: JSON, desired: int) -> int:
     return _percent(rolling.get("maxSurge", "25%"), desired, True)
 
 
-def _deployment_status(
+def _deployment_status(  # noqa: PLR0917 - positional like the request's parts
     cluster: Cluster,
     deploy: JSON,
     owned: list[JSON],

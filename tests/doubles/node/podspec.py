@@ -1,6 +1,7 @@
 """TEST DOUBLE support: decoding, validation, defaulting and Pod Security admission of Pods.
 
-Part of the outer-cluster double. Mirrors what kube-apiserver does with a Pod before storing it,
+Shared by the node image's API server double and the outer-cluster double (stdlib only: it is
+copied into the node image). Mirrors what kube-apiserver does with a Pod before storing it,
 with the texts it answers: JSON decoding against the v1 schema (type errors and malformed
 quantities are 400 BadRequest; unknown fields are dropped with a `Warning` header, or refused
 with `fieldValidation=Strict`), field validation (422 Invalid with one cause per field, as

@@ -466,7 +466,7 @@ def prune_custom_resource(obj: JSON, schema: JSON) -> tuple[JSON, list[FieldErro
     for key in schema.get("required") or []:
         if key not in obj and key not in ("apiVersion", "kind", "metadata"):
             errors.append(FieldError("Required", key))
-    result = {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj}
+    result: JSON = {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj}
     result.update(pruned)
     return result, errors
 
