@@ -891,3 +891,50 @@ def test_namespace_deletion_removes_its_objects(admin: client.ApiClient, namespa
         ).items
         == []
     )
+
+
+def test_kubectl_double_removes_the_control_plane_taint(server: Server, tmp_path: Path) -> None:
+    """What kind runs in a single-node cluster, through the kubectl double."""
+    import sys
+
+    from tests.doubles.node import nodelib
+
+    kubeconfig = tmp_path / "admin.conf"
+    nodelib.write_kubeconfig(
+        str(kubeconfig),
+        cluster="kipik",
+        user="kubernetes-admin",
+        server=server.url,
+        ca=Path(server.pki["ca"]).read_bytes(),
+        cert=Path(server.pki["admin"]).read_bytes(),
+        key=Path(server.pki["admin_key"]).read_bytes(),
+    )
+    admin = server.client()
+    try:
+        core = typed_api(client.CoreV1Api, admin)
+        taint = {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+        core.patch_node(NODE_NAME, {"spec": {"taints": [taint]}})
+
+        def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, str(NODE / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+
+        done = kubectl("taint", "nodes", "--all", "node-role.kubernetes.io/control-plane-")
+        assert (done.returncode, done.stdout) == (0, f"node/{NODE_NAME} untainted\n")
+        again = kubectl("taint", "nodes", "--all", "node-role.kubernetes.io/control-plane-")
+        assert again.returncode == 1
+        assert again.stderr == 'error: taint "node-role.kubernetes.io/control-plane" not found\n'
+        label = "node.kubernetes.io/exclude-from-external-load-balancers"
+        done = kubectl("label", "nodes", "--all", f"{label}-")
+        assert (done.returncode, done.stdout) == (0, f"node/{NODE_NAME} unlabeled\n")
+        node = core.read_node(NODE_NAME)
+        assert label not in node.metadata.labels
+        assert "node-role.kubernetes.io/control-plane" not in [
+            t.key for t in node.spec.taints or []
+        ]
+    finally:
+        admin.close()
