@@ -10,7 +10,7 @@ pytest, for example::
         print(cluster.core_v1.list_node())
 """
 
-from pytest_kipik.cluster import ClusterFactory, NestedCluster
+from pytest_kipik.cluster import ClusterFactory, ImageLoad, NestedCluster, NestedNamespace
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import (
     CommandError,
@@ -28,9 +28,11 @@ __all__ = [
     "ConfigError",
     "DockerUnavailableError",
     "ImageError",
+    "ImageLoad",
     "KindError",
     "KipikConfig",
     "KipikError",
     "NestedCluster",
+    "NestedNamespace",
     "ReadinessTimeout",
 ]

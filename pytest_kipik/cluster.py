@@ -162,6 +162,21 @@ class NestedCluster:
             kind, name, namespace, condition, timeout, api_version=api_version
         )
 
+    def create_namespace(self, name: str, *, timeout: float = 60) -> NestedNamespace:
+        """Create namespace ``name``; returns it once pods can be made in it.
+
+        A new namespace refuses pods until its ``default`` ServiceAccount exists, which the
+        controller manager makes a moment later: this waits for that too.
+        """
+        try:
+            self.core_v1.create_namespace(
+                k8s_client.V1Namespace(metadata=k8s_client.V1ObjectMeta(name=name))
+            )
+        except ApiException as exc:
+            raise KipikError(f"creating namespace {name} failed: {_why(exc)}") from None
+        self.wait_for("ServiceAccount", "default", name, timeout=timeout)
+        return NestedNamespace(name, self)
+
     @contextlib.contextmanager
     def port_forward(
         self, target: str, remote_port: int, *, namespace: str = "default", local_port: int = 0
@@ -323,6 +338,14 @@ class NestedNamespace:
     def port_forward(self, target: str, remote_port: int, **options: Any) -> Any:
         """:meth:`NestedCluster.port_forward` in this namespace."""
         return self.cluster.port_forward(target, remote_port, namespace=self.name, **options)
+
+    def delete(self) -> None:
+        """Delete the namespace (and so everything in it); gone already is fine."""
+        try:
+            self.cluster.core_v1.delete_namespace(self.name, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise KipikError(f"deleting namespace {self.name} failed: {_why(exc)}") from None
 
 
 @dataclass(frozen=True)

@@ -402,9 +402,8 @@ def nested_namespace(
     ``.name``, ``.cluster``, and ``apply()``, ``wait_for()``, ``port_forward()`` working in it.
     When the test fails, its events and the state of its pods are added to the report.
     """
-    name = labels.namespace_name(request.node.name, secrets.token_hex(3))
-    nested_cluster.core_v1.create_namespace(
-        k8s_client.V1Namespace(metadata=k8s_client.V1ObjectMeta(name=name))
+    namespace = nested_cluster.create_namespace(
+        labels.namespace_name(request.node.name, secrets.token_hex(3))
     )
-    yield NestedNamespace(name, nested_cluster)
-    nested_cluster.core_v1.delete_namespace(name, propagation_policy="Background")
+    yield namespace
+    namespace.delete()
