@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ import docker
 import pytest
 import yaml
 
-from pytest_kipik import ClusterFactory, KipikError, NestedCluster
+from pytest_kipik import ClusterFactory, KipikError, NestedCluster, ReadinessTimeout
 from pytest_kipik.config import resolve
 
 pytestmark = pytest.mark.docker
 APP_IMAGE = "kipik-test/app:dev"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 WEB = """
 apiVersion: apps/v1
@@ -87,7 +89,7 @@ def _pods(cluster: NestedCluster, selector: str) -> list[dict[str, Any]]:
     return found
 
 
-def test_an_image_is_moved_once(
+def test_an_image_is_moved_once_and_a_pod_runs_from_it(
     cluster: NestedCluster, app_image: str, docker_client: docker.DockerClient, tmp_path: Path
 ) -> None:
     first = cluster.load_image(app_image)
@@ -110,10 +112,48 @@ def test_an_image_is_moved_once(
     )
     assert inner.stdout.strip() == local_id
 
+    applied = cluster.apply(WEB)
+    assert [(o["kind"], o["metadata"]["name"]) for o in applied] == [
+        ("Deployment", "web"),
+        ("Service", "web"),
+    ]
+    deployment = cluster.wait_for("Deployment", "web", condition="Available", timeout=60)
+    assert deployment["status"]["availableReplicas"] == 1
+
+
+def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
+    cluster: NestedCluster,
+) -> None:
+    cluster.wait_for("deployments", "web", condition="Available", timeout=60)
+    with cluster.port_forward("svc/web", 80) as forward:
+        with ThreadPoolExecutor(20) as pool:  # 20 at once, one stream each
+            bodies = list(pool.map(lambda _: _get(forward.local_port), range(20)))
+        assert set(bodies) == {b"kipik app\n"}
+        # the pod goes (its streams drop); the deployment makes another; new connections reach it
+        pods = cluster.core_v1.list_namespaced_pod("default", label_selector="app=web").items
+        old = str(pods[0].metadata.name)  # type: ignore[union-attr]
+        cluster.core_v1.delete_namespaced_pod(old, "default")
+
+        def replaced(obj: dict[str, Any]) -> bool:
+            # the Deployment's status can still count the old pod: look at the pods themselves
+            pods = _pods(cluster, "app=web")
+            return old not in [p["metadata"]["name"] for p in pods] and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for p in pods
+                for c in p.get("status", {}).get("conditions") or []
+            )
+
+        cluster.wait_for("Deployment", "web", condition=replaced, timeout=60)
+        assert _get(forward.local_port) == b"kipik app\n"
+        assert forward.connections == 21
+
 
 def test_port_forward_errors_name_the_target(cluster: NestedCluster) -> None:
     no_service = pytest.raises(KipikError, match="port-forward to svc/nope in default: HTTP 404")
     with no_service, cluster.port_forward("svc/nope", 80):
+        pass
+    no_port = pytest.raises(KipikError, match=r"service web has no port 443 \(its ports: 80\)")
+    with no_port, cluster.port_forward("svc/web", 443):
         pass
     no_pod = pytest.raises(KipikError, match="port-forward to pod/nope in default: HTTP 404")
     with no_pod, cluster.port_forward("pod/nope", 80):
@@ -122,18 +162,83 @@ def test_port_forward_errors_name_the_target(cluster: NestedCluster) -> None:
         cluster.port_forward("job/x", 80).__enter__()
 
 
-def test_connected_clusters_reach_each_others_api_servers(
-    factory: ClusterFactory, docker_client: docker.DockerClient
+def test_a_crd_and_its_custom_resources_in_one_apply(cluster: NestedCluster) -> None:
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {"size": {"type": "integer"}},
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w1"}}
+    widget["spec"] = {"size": 3}
+    applied = cluster.apply([widget, crd])  # kipik orders the CRD first and waits for it
+    assert [o["kind"] for o in applied] == ["CustomResourceDefinition", "Widget"]
+    found = cluster.wait_for("widgets.example.com", "w1", timeout=10)
+    assert found["spec"] == {"size": 3}
+    assert cluster.delete([widget, crd], wait=True) == [
+        "Widget default/w1",
+        "CustomResourceDefinition widgets.example.com",
+    ]
+    with pytest.raises(KipikError, match="serves no resource 'Gadget'"):
+        cluster.apply({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g"}})
+
+
+def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
+    broken = yaml.safe_load(WEB.split("---", maxsplit=1)[0])
+    broken["metadata"]["name"] = "never"
+    broken["spec"]["template"]["spec"]["containers"][0]["image"] = "kipik-test/not-loaded:1"
+    cluster.apply(broken, namespace="default")
+    with pytest.raises(ReadinessTimeout) as caught:
+        cluster.wait_for("Deployment", "never", condition="Available", timeout=3)
+    text = str(caught.value)
+    assert "waiting for Deployment default/never to be Available" in text
+    assert "last state seen:" in text
+    assert "status:" in text
+
+
+def test_connected_clusters_reach_each_others_api_and_node_ports(
+    factory: ClusterFactory, app_image: str, docker_client: docker.DockerClient
 ) -> None:
     east, west = factory.create_connected(names=["east", "west"])
     assert east.host is west.host
-    # from west's node: east's API server, verified with east's internal kubeconfig
+    east.load_image(app_image)
+    east.apply(WEB)
+    east.wait_for("Deployment", "web", condition="Available", timeout=60)
+    service = east.api_client.sanitize_for_serialization(
+        east.core_v1.read_namespaced_service("web", "default")
+    )
+    node_port = service["spec"]["ports"][0]["nodePort"]
+    # from west's node: east's NodePort, and east's API server with east's internal kubeconfig
     internal = yaml.safe_load(east.internal_kubeconfig().read_text())
     server = internal["clusters"][0]["cluster"]["server"]
     assert server == "https://east-control-plane:6443"
     ca = internal["clusters"][0]["cluster"]["certificate-authority-data"]
     probe = (
         "import base64, socket, ssl, sys, urllib.request\n"
+        f"print(urllib.request.urlopen('http://east-control-plane:{node_port}/', timeout=10)"
+        ".read().decode().strip())\n"
         f"ctx = ssl.create_default_context(cadata=base64.b64decode('{ca}').decode())\n"
         "with socket.create_connection(('east-control-plane', 6443), 10) as raw:\n"
         "    with ctx.wrap_socket(raw, server_hostname='east-control-plane') as tls:\n"
@@ -143,7 +248,8 @@ def test_connected_clusters_reach_each_others_api_servers(
         ["docker", "exec", "west-control-plane", "python3", "-c", probe], timeout=60
     )
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.startswith("verified TLS")
+    assert result.stdout.splitlines()[0] == "kipik app"
+    assert result.stdout.splitlines()[1].startswith("verified TLS")
     # west goes first: its nodes go, east and the shared host stay until east goes too
     west.close()
     assert east.core_v1.list_node().items
@@ -169,13 +275,6 @@ def test_same_cluster_again(nested_cluster, request):
 MODULE_WITHOUT_MARKER = """
 def test_one_node(nested_cluster):
     assert len(nested_cluster.core_v1.list_node().items) == 1
-
-def test_namespace_failure_is_explained(nested_namespace):
-    nested_namespace.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
-                            "data": {"ready": "no"}}, server_side=False)
-    assert nested_namespace.name.startswith("test-namespace-failure-is-explained-")
-    nested_namespace.wait_for("ConfigMap", "c", condition=lambda c: c["data"]["ready"] == "yes",
-                              timeout=2)
 """
 
 
@@ -183,24 +282,31 @@ def test_marker_namespace_report_and_logs_dir(
     pytester: pytest.Pytester, test_images: tuple[str, str], tmp_path: Path
 ) -> None:
     pytester.makepyfile(test_marked=MODULE_WITH_MARKER, test_plain=MODULE_WITHOUT_MARKER)
+    # the README's deliberately failing example, collected here as a test module
+    failing = (EXAMPLES / "failing_example.py").read_text()
+    pytester.makepyfile(test_failing_example=failing)
     logs = tmp_path / "logs"
     dind, node = test_images
     result = pytester.runpytest_subprocess(
-        f"--kipik-image={dind}", f"--kipik-node-image={node}", f"--kipik-logs-dir={logs}"
+        f"--kipik-image={dind}",
+        f"--kipik-node-image={node}",
+        f"--kipik-logs-dir={logs}",
+        f"--kipik-load-images={APP_IMAGE}",
     )
     result.assert_outcomes(passed=3, failed=1)
     out = result.stdout.str()
     made = sorted(set(re.findall(r"kipik (kipik-\w+(?:-\w+)?): kind create", out)))
     assert len(made) == 2, out  # one cluster per configuration, each made once
     # the failed test's report: its namespace's pods and warning events
-    section = out[out.index("kipik: namespace test-namespace-failure-is-explained-") :]
-    # every collector answers: with what it found, or with why it could not read it
-    assert re.search(
-        r"pods not running or succeeded in namespace \S+:( could not be read| *\n)", section
-    )
-    assert re.search(r"recent warning events in namespace \S+:( could not be read| *\n)", section)
-    assert "timed out after 2s waiting for ConfigMap" in out
-    assert "last state seen:" in out
+    section = out[out.index("kipik: namespace test-a-pod-that-never-starts-") :]
+    assert "pods not running or succeeded in namespace" in section
+    assert "/lost  Pending" in section
+    assert "recent warning events in namespace" in section
+    assert "example.invalid/never-pushed:1" in section
+    assert "ImagePullBackOff" in section or "ErrImagePull" in section
+    # the crashing container's last lines
+    assert "boom" in section
+    assert "timed out after 5s waiting for Pod" in out
     # every cluster's logs, and where they are
     for name in made:
         assert f"kipik {name}: logs in {logs / name}" in out
