@@ -50,32 +50,30 @@ def streaming(configuration: k8s_client.Configuration) -> Iterator[k8s_client.Co
         api.close()
 
 
-_FORWARD_OPENING = threading.Lock()
-
-
 def _open_forward(
     core: k8s_client.CoreV1Api, target: Target
 ) -> tuple[Any, threading.Thread | None]:
     """A port-forward stream and the client's proxy thread serving it.
 
-    The client starts one thread per stream and does not expose it; opening streams one at a
-    time makes the new thread the one that appeared, so it can be waited for before its socket
-    is released (releasing it under a running proxy breaks that thread's read).
+    The client starts one thread per stream and does not expose it: it is the running thread
+    whose target is this stream's proxy method, so it can be waited for before the stream's
+    socket is released (releasing it under a running proxy breaks that thread's read). No lock
+    is held while the stream opens: a nested cluster's stream may itself go through another
+    forwarder of this process (the pod backend's), which must open its own stream meanwhile.
     """
-    with _FORWARD_OPENING:
-        before = set(threading.enumerate())
-        forward = portforward(
-            core.connect_get_namespaced_pod_portforward,
-            target.pod,
-            target.namespace,
-            ports=str(target.port),
-        )
-        started = [
-            t
-            for t in set(threading.enumerate()) - before
-            if t.name.startswith("Kubernetes port forward proxy")
-        ]
-    return forward, started[0] if len(started) == 1 else None
+    forward = portforward(
+        core.connect_get_namespaced_pod_portforward,
+        target.pod,
+        target.namespace,
+        ports=str(target.port),
+    )
+    proxies = [
+        t
+        for t in threading.enumerate()
+        # CPython keeps a running thread's target (a bound method) until the thread ends
+        if getattr(getattr(t, "_target", None), "__self__", None) is forward
+    ]
+    return forward, proxies[0] if proxies else None
 
 
 class PortForwarder:
