@@ -6,8 +6,10 @@ under ``CI=true``, where they fail: CI sets the engine up itself, so a missing e
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import secrets
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,10 +19,12 @@ import docker
 import docker.errors
 import pytest
 
+from pytest_kipik import NestedCluster
 from pytest_kipik.hosts.docker import owned_resources
 
 DIND_IMAGE = "kipik-test/dind:dev"
 NODE_IMAGE = "kipik-test/node:dev"
+APP_IMAGE = "kipik-test/app:dev"
 BUILD_HINT = "build them with: python3 tests/images/build.py"
 
 
@@ -51,6 +55,45 @@ def test_images(docker_client: docker.DockerClient) -> tuple[str, str]:
         except docker.errors.ImageNotFound:
             _unavailable(f"the test image {image} is missing; {BUILD_HINT}")
     return DIND_IMAGE, NODE_IMAGE
+
+
+@pytest.fixture
+def built_image(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
+    """An image built now on this engine (from the test app image): its tag and the token in it.
+
+    The token is in ``/token``; the image is removed after the test.
+    """
+    try:
+        docker_client.images.get(APP_IMAGE)
+    except docker.errors.ImageNotFound:
+        _unavailable(f"the test image {APP_IMAGE} is missing; {BUILD_HINT}")
+    token = secrets.token_hex(8)
+    tag = f"kipik-test/built:{token}"
+    recipe = f"FROM {APP_IMAGE}\nRUN echo {token} > /token\n"
+    docker_client.images.build(fileobj=io.BytesIO(recipe.encode()), tag=tag, rm=True)
+    yield tag, token
+    docker_client.images.remove(tag, force=True)
+
+
+def output_of_a_pod(cluster: NestedCluster, image: str, command: list[str]) -> str:
+    """Run ``command`` in a pod of ``image`` in the nested cluster; its log once it succeeded."""
+    name = f"run-{secrets.token_hex(3)}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "run", "image": image, "command": command}],
+        },
+    }
+    cluster.apply(pod, namespace="default")
+    cluster.wait_for(
+        "Pod", name, "default", lambda p: p.get("status", {}).get("phase") == "Succeeded", 120
+    )
+    log: str = cluster.core_v1.read_namespaced_pod_log(name, "default")
+    cluster.delete(pod, namespace="default")
+    return log
 
 
 def owned(client: docker.DockerClient) -> list[str]:

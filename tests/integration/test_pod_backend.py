@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from kubernetes import client as k8s_client
 
 from pytest_kipik import kubeconfig
 from pytest_kipik.waiting import NotYet, wait_until
-from tests.conftest import Leftovers
+from tests.conftest import Leftovers, output_of_a_pod
 from tests.doubles.outer import OuterCluster
 
 pytestmark = pytest.mark.docker
@@ -49,6 +50,39 @@ def fresh_outer(outer: Any) -> Iterator[Any]:
     outer.allow_all()
     outer.hold_pending(False)
     assert _pods(outer) == [], "a test left pods in the outer cluster"
+
+
+APP_IMAGE = "kipik-test/app:dev"
+WEB = [
+    {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [
+                        {"name": "web", "image": APP_IMAGE, "ports": [{"containerPort": 8080}]}
+                    ]
+                },
+            },
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    },
+]
+
+
+def _http_get(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as answer:
+        body: bytes = answer.read()
+        return body
 
 
 def _pods(outer: Any, namespace: str = NAMESPACE) -> list[str]:
@@ -77,9 +111,10 @@ def test_example_suite_from_outside_through_port_forward(
     leftovers: Leftovers,
 ) -> None:
     pytester.syspathinsert(ROOT)
-    shutil.copy(ROOT / "examples" / "test_example.py", pytester.path / "test_example.py")
+    for example in ("test_example.py", "test_workload.py"):
+        shutil.copy(ROOT / "examples" / example, pytester.path / example)
     result = pytester.runpytest_subprocess(*_pod_args(fresh_outer, test_images))
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     out = result.stdout.str()
     assert "kipik: backend pod (from cli)" in out
     for phase in ("DinD up", "inner daemon ready", f"node image {test_images[1]} in",
@@ -89,8 +124,11 @@ def test_example_suite_from_outside_through_port_forward(
     assert leftovers() == []
 
 
-def test_twenty_concurrent_https_requests_through_one_port_forward(
-    fresh_outer: Any, test_images: tuple[str, str], leftovers: Leftovers
+def test_twenty_concurrent_https_requests_through_one_port_forward_and_the_toolkit(
+    fresh_outer: Any,
+    test_images: tuple[str, str],
+    built_image: tuple[str, str],
+    leftovers: Leftovers,
 ) -> None:
     from pytest_kipik import ClusterFactory, KipikConfig
 
@@ -119,6 +157,26 @@ def test_twenty_concurrent_https_requests_through_one_port_forward(
         assert len(versions) == 20
         assert len(set(versions)) == 1
         assert _pods(fresh_outer) == ["forward-dind"]
+
+        # an image of this engine goes through exec into the DinD pod, then into the node;
+        # the second time nothing moves
+        [first] = cluster.load_image(APP_IMAGE)
+        [again] = cluster.load_image(APP_IMAGE)
+        assert (first.moved, first.nodes) == (True, ("forward-control-plane",))
+        assert (again.moved, again.nodes) == (False, ())
+        # an image built during the test runs in a pod of the nested cluster
+        image, token = built_image
+        [built] = cluster.load_image(image)
+        assert built.moved
+        assert output_of_a_pod(cluster, image, ["cat", "/token"]) == f"{token}\n"
+        # a pod runs from the app image, and its Service answers 20 requests at once
+        cluster.apply(WEB)
+        cluster.wait_for("Deployment", "web", condition="Available", timeout=120)
+        with cluster.port_forward("svc/web", 80) as forward:
+            with concurrent.futures.ThreadPoolExecutor(20) as pool:
+                bodies = list(pool.map(lambda _: _http_get(forward.local_port), range(20)))
+            assert bodies == [b"kipik app\n"] * 20
+            assert forward.connections == 20
     assert _pods(fresh_outer) == []
     assert leftovers() == []
 
@@ -340,6 +398,7 @@ def test_sigkill_leaves_a_pod_that_stops_by_itself_at_its_deadline(
     pytester.makepyfile(
         """
         import time
+import urllib.request
 
         def test_holds(nested_cluster):
             print("CLUSTER READY", flush=True)

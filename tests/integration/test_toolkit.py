@@ -19,6 +19,7 @@ import yaml
 
 from pytest_kipik import ClusterFactory, KipikError, NestedCluster, ReadinessTimeout
 from pytest_kipik.config import resolve
+from tests.conftest import output_of_a_pod
 
 pytestmark = pytest.mark.docker
 APP_IMAGE = "kipik-test/app:dev"
@@ -119,6 +120,17 @@ def test_an_image_is_moved_once_and_a_pod_runs_from_it(
     ]
     deployment = cluster.wait_for("Deployment", "web", condition="Available", timeout=60)
     assert deployment["status"]["availableReplicas"] == 1
+
+
+def test_an_image_built_during_the_test_runs_in_a_pod(
+    cluster: NestedCluster, built_image: tuple[str, str]
+) -> None:
+    image, token = built_image
+    [load] = cluster.load_image(image)
+    assert load.moved
+    assert output_of_a_pod(cluster, image, ["cat", "/token"]) == f"{token}\n"
+    [again] = cluster.load_image(image)
+    assert (again.moved, again.nodes) == (False, ())
 
 
 def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
