@@ -121,12 +121,14 @@ class PortForwarder:
         with self._lock:
             self._open.add(conn)
         forward: Any = None
+        remote: Any = None
         proxy: threading.Thread | None = None
         try:
             target = self.resolve()
             with streaming(self.configuration) as core:
                 forward, proxy = _open_forward(core, target)
-                self._relay(conn, forward.socket(target.port))
+                remote = forward.socket(target.port)
+                self._relay(conn, remote)
         except Exception as exc:  # the client sees its connection close
             self.last_error = exc
         finally:
@@ -134,9 +136,14 @@ class PortForwarder:
                 self._open.discard(conn)
             conn.close()
             if forward is not None:
-                forward.close()  # the client's proxy thread ends once its local end is closed
+                # EOF to the client's proxy thread: it closes its end and ends. Closing ours
+                # first would break its write of data still in flight (BrokenPipeError there).
+                with contextlib.suppress(OSError):
+                    if remote is not None:
+                        remote.shutdown(socket.SHUT_WR)
                 if proxy is not None:
                     proxy.join(timeout=10)
+                forward.close()
                 if proxy is None or not proxy.is_alive():
                     # websocket-client keeps its TLS socket when the server closed first
                     forward.websocket.shutdown()
