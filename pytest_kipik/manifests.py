@@ -398,7 +398,8 @@ class Manifests:
             check,
             what=what,
             timeout=timeout,
-            hint="its events may say why: kubectl describe, or cluster.events()",
+            hint=f"its events may say why: kubectl describe {resource.kind} {name}"
+            + (f" -n {ns}" if ns else ""),
             interval=0.25,
         )
 
