@@ -3,8 +3,8 @@
 Two halves: pure judging functions (findings in, a :class:`Result` out; exact unit tests) and thin
 probes that gather the findings: the Docker SDK for the engine, one short-lived privileged
 container from the configured DinD image (host network, the engine host's ``/lib`` and data root
-mounted read-only) for what only the engine's host can tell, and the official Kubernetes client
-(SelfSubjectAccessReviews) for the pod backend.
+mounted read-only) for what only the engine's host can tell, and for the pod backend the official
+Kubernetes client (SelfSubjectAccessReviews) and one real DinD pod that runs the same probe.
 """
 
 from __future__ import annotations
@@ -406,18 +406,23 @@ def nested_ranges(config: KipikConfig) -> dict[str, str]:
 
 # -- probing (I/O) ----------------------------------------------------------------------------
 
-#: Prints ``key=value`` lines about the engine host; run in a privileged, host-network container.
-PROBE_SCRIPT = f"""
+
+def probe_script(lib: str, data: str) -> str:
+    """Shell that prints ``key=value`` lines about the host; run privileged.
+
+    ``lib`` is where it sees the host's ``/lib``, ``data`` the Docker data root to measure.
+    """
+    return f"""
 echo "kernel=$(uname -r)"
-if [ -d {HOST_LIB}/modules ]; then
+if [ -d {lib}/modules ]; then
   echo modules=yes
-  echo "modules_entries=$(ls -A {HOST_LIB}/modules | wc -l)"
-  if [ -d "{HOST_LIB}/modules/$(uname -r)" ]; then echo modules_kernel=yes
+  echo "modules_entries=$(ls -A {lib}/modules | wc -l)"
+  if [ -d "{lib}/modules/$(uname -r)" ]; then echo modules_kernel=yes
   else echo modules_kernel=no; fi
 else echo modules=no; fi
 echo "inotify_watches=$(cat /proc/sys/fs/inotify/max_user_watches)"
 echo "inotify_instances=$(cat /proc/sys/fs/inotify/max_user_instances)"
-echo "disk=$(stat -f -c '%a %S' {HOST_DATA})"
+echo "disk=$(stat -f -c '%a %S' {data})"
 tail -n +2 /proc/net/route | while read -r iface dest gw flags ref use metric mask rest; do
   echo "route=$iface $dest $mask"
 done
@@ -442,6 +447,55 @@ else
   if mkdir "$probe" && rmdir "$probe"; then echo nesting=yes; else echo nesting=no; fi
 fi
 """
+
+
+#: The probe of the engine host, in a privileged, host-network container (see run_probe).
+PROBE_SCRIPT = probe_script(HOST_LIB, HOST_DATA)
+
+
+def judge_facts(facts: Mapping[str, Sequence[str]], data_root: str) -> list[Result]:
+    """Cgroups, ``/lib/modules``, inotify and disk, from what a probe printed."""
+    nesting = _first(facts, "nesting")
+    modules = _first(facts, "modules")
+    return [
+        judge_cgroup(
+            _first(facts, "cgroup"),
+            None if nesting is None else nesting == "yes",
+            f"controllers: {_first(facts, 'cgroup_controllers') or 'none'}"
+            if _first(facts, "cgroup") == "2"
+            else "",
+        ),
+        judge_modules(
+            None if modules is None else modules == "yes",
+            _first(facts, "kernel") or "?",
+            _int(facts.get("modules_entries")) or 0,
+            _first(facts, "modules_kernel") == "yes",
+        ),
+        judge_inotify(_int(facts.get("inotify_watches")), _int(facts.get("inotify_instances"))),
+        judge_disk(data_root, parse_statfs(_first(facts, "disk") or "")),
+    ]
+
+
+def judge_pod_probe(image: str, error: str | None, exit_code: int | None) -> Result:
+    """Whether a privileged DinD pod from ``image`` came up and the probe ran in it."""
+    check = "privileged"
+    if error is not None:
+        return Result(
+            FAIL,
+            check,
+            f"a privileged DinD pod from {image} did not come up: {error}",
+            "the namespace must admit privileged pods (Pod Security "
+            "`pod-security.kubernetes.io/enforce=privileged`), the nodes must pull the image "
+            "and run privileged containers; the lines above say which",
+        )
+    if exit_code != 0:
+        return Result(
+            FAIL,
+            check,
+            f"a privileged DinD pod from {image} runs, but its probe exited {exit_code}",
+            "look at the pod's kernel and cgroup setup: the probe is `kipik doctor`'s shell",
+        )
+    return Result(OK, check, f"a privileged DinD pod from {image} ran and its Docker answered")
 
 
 @dataclass(frozen=True)
@@ -520,29 +574,7 @@ def docker_checks(config: KipikConfig) -> list[Result]:
         )
         facts = probe.facts or {}
         ran = probe.facts is not None
-        nesting = _first(facts, "nesting")
-        results.append(
-            judge_cgroup(
-                _first(facts, "cgroup"),
-                None if nesting is None else nesting == "yes",
-                f"controllers: {_first(facts, 'cgroup_controllers') or 'none'}"
-                if _first(facts, "cgroup") == "2"
-                else "",
-            )
-        )
-        modules = _first(facts, "modules")
-        results.append(
-            judge_modules(
-                None if modules is None else modules == "yes",
-                _first(facts, "kernel") or "?",
-                _int(facts.get("modules_entries")) or 0,
-                _first(facts, "modules_kernel") == "yes",
-            )
-        )
-        results.append(
-            judge_inotify(_int(facts.get("inotify_watches")), _int(facts.get("inotify_instances")))
-        )
-        results.append(judge_disk(data_root, parse_statfs(_first(facts, "disk") or "")))
+        results.extend(judge_facts(facts, data_root))
         outer: dict[str, str] = {}
         for line in facts.get("route", []) if ran else []:
             route = parse_route(line)
@@ -557,6 +589,29 @@ def docker_checks(config: KipikConfig) -> list[Result]:
         return results
     finally:
         client.close()
+
+
+#: The DinD pod's Docker data root (an emptyDir, or the pod template's volume).
+POD_DATA_ROOT = "/var/lib/docker"
+
+
+def run_pod_probe(backend: PodBackend, image: str, prefix: str, timeout: float) -> Probe:
+    """Start a real DinD pod (as a cluster's host), run the probe in it; always removed."""
+    run_id = lbl.new_run_id()
+    found = lbl.owner_labels(
+        run_id=run_id, cluster="doctor", role="doctor", worker=None, keep=False, ttl=600
+    )
+    host = backend.make_host(f"{prefix}-doctor-{run_id}", found, [])
+    try:
+        host.start()
+        host.wait_ready(timeout)
+        done = host.exec(["sh", "-c", probe_script("/lib", POD_DATA_ROOT)], timeout=PROBE_TIMEOUT)
+        return Probe(image, exit_code=done.exit_code, facts=parse_probe(done.stdout))
+    except KipikError as exc:
+        return Probe(image, error=" ".join(str(exc).split()))
+    finally:
+        with contextlib.suppress(KipikError):
+            host.remove()
 
 
 def _review(api: k8s_client.ApiClient, namespace: str, verb: str, resource: str) -> bool:
@@ -575,7 +630,11 @@ def _review(api: k8s_client.ApiClient, namespace: str, verb: str, resource: str)
 
 
 def pod_checks(config: KipikConfig) -> list[Result]:
-    """Image, outer API, RBAC (SelfSubjectAccessReviews) and subnets for the pod backend."""
+    """The pod backend's checks: image, outer API, RBAC, a real DinD pod, and subnets.
+
+    RBAC is asked with SelfSubjectAccessReviews; in the DinD pod the probe also judges cgroups,
+    modules, inotify and disk.
+    """
     results = []
     if config.image:
         results.append(
@@ -613,6 +672,11 @@ def pod_checks(config: KipikConfig) -> list[Result]:
         except ApiException as exc:
             error = f"SelfSubjectAccessReview refused: HTTP {exc.status} {exc.reason}"
         results.append(judge_access(namespace, allowed, direct=backend.direct, error=error))
+        if config.image:
+            probe = run_pod_probe(backend, config.image, config.name_prefix, config.timeout)
+            results.append(judge_pod_probe(config.image, probe.error, probe.exit_code))
+            if probe.facts is not None:
+                results.extend(judge_facts(probe.facts, POD_DATA_ROOT))
         outer = local_outer_addresses()
         host = urlsplit(server).hostname or ""
         if _network(host) is not None:

@@ -228,6 +228,11 @@ def pod_env(cli_env: dict[str, str], outer: Any) -> Iterator[dict[str, str]]:
     outer.allow_all()
 
 
+def _outer_pods(outer: Any) -> list[str]:
+    core: Any = k8s_client.CoreV1Api(outer.admin_client())
+    return [str(p.metadata.name) for p in core.list_namespaced_pod(NAMESPACE).items]
+
+
 def test_doctor_on_the_pod_backend_names_a_denied_permission(
     pod_env: dict[str, str], outer: Any
 ) -> None:
@@ -241,14 +246,33 @@ def test_doctor_on_the_pod_backend_names_a_denied_permission(
         "examples/rbac.yaml)"
     ) in lines
     assert _doctor_lines(denied.stdout)["outer API"] == "ok"
+    # the DinD pod it starts cannot be reached either, and says why
+    privileged = next(line for line in lines if line.startswith("fail  privileged: "))
+    assert "a privileged DinD pod from kipik-test/dind:dev did not come up" in privileged
+    assert "create pods/exec" in privileged
+    assert _outer_pods(outer) == []  # the doctor's pod is gone
 
     outer.allow_all()
-    allowed = kipik(pod_env, "doctor", timeout=60)
+    allowed = kipik(pod_env, "doctor", timeout=120)
     assert allowed.returncode == 0, allowed.stdout
-    assert _doctor_lines(allowed.stdout) == {
-        "backend": "ok", "image": "ok", "outer API": "ok", "rbac": "ok", "subnets": "ok",
+    checks = _doctor_lines(allowed.stdout)
+    # the probe ran in the DinD pod: it reports this kernel's limits (the double's pods are
+    # containers here), and whether the node has modules
+    watches = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
+    instances = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    low = watches < 524288 or instances < 512
+    assert checks.pop("inotify") == ("warn" if low else "ok"), allowed.stdout
+    assert checks.pop("/lib/modules") in ("ok", "warn")
+    assert checks == {
+        "backend": "ok", "image": "ok", "outer API": "ok", "rbac": "ok", "privileged": "ok",
+        "cgroup": "ok", "disk": "ok", "subnets": "ok",
     }  # fmt: skip
     assert "ok    rbac: all 12 permissions in namespace kipik-test" in allowed.stdout
+    assert (
+        "ok    privileged: a privileged DinD pod from kipik-test/dind:dev ran and its Docker "
+        "answered"
+    ) in allowed.stdout
+    assert _outer_pods(outer) == []
 
 
 def test_pod_backend_up_shell_through_a_port_forward_logs_down(

@@ -271,3 +271,48 @@ def test_parse_probe_route_and_statfs() -> None:
     assert doctor.parse_route("garbage") is None
     assert doctor.parse_statfs("20348636 4096") == 20348636 * 4096
     assert doctor.parse_statfs("") is None
+
+
+def test_pod_probe() -> None:
+    assert doctor.judge_pod_probe("r/dind:1", None, 0) == Result(
+        OK, "privileged", "a privileged DinD pod from r/dind:1 ran and its Docker answered"
+    )
+    refused = doctor.judge_pod_probe("r/dind:1", "HTTP 403: create pods/exec", None)
+    assert (refused.status, refused.finding) == (
+        FAIL,
+        "a privileged DinD pod from r/dind:1 did not come up: HTTP 403: create pods/exec",
+    )
+    assert "pod-security.kubernetes.io/enforce=privileged" in refused.fix
+    broken = doctor.judge_pod_probe("r/dind:1", None, 2)
+    assert (broken.status, broken.finding) == (
+        FAIL,
+        "a privileged DinD pod from r/dind:1 runs, but its probe exited 2",
+    )
+
+
+def test_facts_are_judged_the_same_wherever_the_probe_ran() -> None:
+    facts = doctor.parse_probe(
+        "kernel=6.1.0\nmodules=yes\nmodules_entries=1\nmodules_kernel=yes\n"
+        "inotify_watches=524288\ninotify_instances=512\ndisk=5242880 4096\n"
+        "cgroup=2\ncgroup_controllers=cpu memory pids\nnesting=yes\n"
+    )
+    judged = doctor.judge_facts(facts, "/var/lib/docker")
+    assert [(r.check, r.status) for r in judged] == [
+        ("cgroup", OK),
+        ("/lib/modules", OK),
+        ("inotify", OK),
+        ("disk", OK),
+    ]
+    assert judged[0] == doctor.judge_cgroup("2", True, "controllers: cpu memory pids")
+    assert judged[3] == doctor.judge_disk("/var/lib/docker", 5242880 * 4096)
+    # nothing printed: every check says it could not tell
+    assert [r.check for r in doctor.judge_facts({}, "/d")] == [
+        "cgroup", "/lib/modules", "inotify", "disk"
+    ]  # fmt: skip
+
+
+def test_probe_script_looks_where_it_is_told() -> None:
+    script = doctor.probe_script("/lib", "/var/lib/docker")
+    assert "if [ -d /lib/modules ]; then" in script
+    assert "stat -f -c '%a %S' /var/lib/docker" in script
+    assert doctor.probe_script(doctor.HOST_LIB, doctor.HOST_DATA) == doctor.PROBE_SCRIPT
