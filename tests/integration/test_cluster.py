@@ -204,7 +204,7 @@ def test_examples_pass_against_a_nested_cluster(
         str(ROOT / "examples"), *_images_args(test_images), "-p", "no:cacheprovider",
         f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
     )  # fmt: skip
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)  # test_example.py and test_workload.py
 
 
 def test_readiness_timeout_names_the_check_and_cleans_up(

@@ -316,7 +316,7 @@ def test_example_suite_from_inside_the_outer_cluster_at_the_pod_ip(
     )
     assert phase == "Succeeded", log
     # the runner image has no kubectl: the example that needs it says so and skips
-    assert "3 passed, 1 skipped" in log, log
+    assert "4 passed, 1 skipped" in log, log
     assert "kubectl is not installed" in log
     assert "kipik: backend pod (from env)" in log
     assert (
@@ -398,7 +398,6 @@ def test_sigkill_leaves_a_pod_that_stops_by_itself_at_its_deadline(
     pytester.makepyfile(
         """
         import time
-import urllib.request
 
         def test_holds(nested_cluster):
             print("CLUSTER READY", flush=True)

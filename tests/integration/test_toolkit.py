@@ -78,6 +78,15 @@ def cluster(factory: ClusterFactory) -> NestedCluster:
     return factory.create()
 
 
+@pytest.fixture(scope="module")
+def web(cluster: NestedCluster, app_image: str) -> NestedCluster:
+    """``cluster`` with the web Deployment available and its Service."""
+    cluster.load_image(app_image)
+    cluster.apply(WEB)
+    cluster.wait_for("Deployment", "web", condition="Available", timeout=60)
+    return cluster
+
+
 def _get(port: int) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=20) as answer:
         body: bytes = answer.read()
@@ -134,9 +143,9 @@ def test_an_image_built_during_the_test_runs_in_a_pod(
 
 
 def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
-    cluster: NestedCluster,
+    web: NestedCluster,
 ) -> None:
-    cluster.wait_for("deployments", "web", condition="Available", timeout=60)
+    cluster = web
     with cluster.port_forward("svc/web", 80) as forward:
         with ThreadPoolExecutor(20) as pool:  # 20 at once, one stream each
             bodies = list(pool.map(lambda _: _get(forward.local_port), range(20)))
@@ -160,7 +169,8 @@ def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
         assert forward.connections == 21
 
 
-def test_port_forward_errors_name_the_target(cluster: NestedCluster) -> None:
+def test_port_forward_errors_name_the_target(web: NestedCluster) -> None:
+    cluster = web
     no_service = pytest.raises(KipikError, match="port-forward to svc/nope in default: HTTP 404")
     with no_service, cluster.port_forward("svc/nope", 80):
         pass
@@ -234,6 +244,17 @@ def test_connected_clusters_reach_each_others_api_and_node_ports(
     factory: ClusterFactory, app_image: str, docker_client: docker.DockerClient
 ) -> None:
     east, west = factory.create_connected(names=["east", "west"])
+    try:
+        _reach_each_other(east, west, app_image)
+    finally:
+        west.close()  # west first: its nodes go, east and the shared host stay
+        names = east.host.exec(["docker", "ps", "--format", "{{.Names}}"], timeout=30)
+        east.close()  # the last of them: the host goes
+    assert names.stdout.split() == ["east-control-plane"]
+    assert not docker_client.containers.list(all=True, filters={"name": "^east-dind$"})
+
+
+def _reach_each_other(east: NestedCluster, west: NestedCluster, app_image: str) -> None:
     assert east.host is west.host
     east.load_image(app_image)
     east.apply(WEB)
@@ -247,10 +268,21 @@ def test_connected_clusters_reach_each_others_api_and_node_ports(
     server = internal["clusters"][0]["cluster"]["server"]
     assert server == "https://east-control-plane:6443"
     ca = internal["clusters"][0]["cluster"]["certificate-authority-data"]
+    # kube-proxy follows the Service's endpoints a moment after the pod is ready, as on any
+    # cluster: the NodePort is asked until it answers (30 s at most)
     probe = (
-        "import base64, socket, ssl, sys, urllib.request\n"
-        f"print(urllib.request.urlopen('http://east-control-plane:{node_port}/', timeout=10)"
-        ".read().decode().strip())\n"
+        "import base64, socket, ssl, sys, time, urllib.request\n"
+        "deadline = time.monotonic() + 30\n"
+        "while True:\n"
+        "    try:\n"
+        f"        answer = urllib.request.urlopen('http://east-control-plane:{node_port}/', "
+        "timeout=10)\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        if time.monotonic() > deadline:\n"
+        "            raise\n"
+        "        time.sleep(0.5)\n"
+        "print(answer.read().decode().strip())\n"
         f"ctx = ssl.create_default_context(cadata=base64.b64decode('{ca}').decode())\n"
         "with socket.create_connection(('east-control-plane', 6443), 10) as raw:\n"
         "    with ctx.wrap_socket(raw, server_hostname='east-control-plane') as tls:\n"
@@ -262,13 +294,6 @@ def test_connected_clusters_reach_each_others_api_and_node_ports(
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[0] == "kipik app"
     assert result.stdout.splitlines()[1].startswith("verified TLS")
-    # west goes first: its nodes go, east and the shared host stay until east goes too
-    west.close()
-    assert east.core_v1.list_node().items
-    names = east.host.exec(["docker", "ps", "--format", "{{.Names}}"], timeout=30).stdout.split()
-    assert names == ["east-control-plane"]
-    east.close()  # the last of them: the host goes
-    assert not docker_client.containers.list(all=True, filters={"name": "^east-dind$"})
 
 
 MODULE_WITH_MARKER = """
