@@ -26,7 +26,7 @@ from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import ConfigError, ImageError, KipikError
 from pytest_kipik.hosts import make_backend
 from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod, inner_image_id
-from pytest_kipik.image import archive_images, inner_reference
+from pytest_kipik.image import archive_images
 from pytest_kipik.manifests import Manifests, Predicate, Source
 from pytest_kipik.portforward import PortForwarder, forward_resolver
 from pytest_kipik.process import CommandResult, run
@@ -231,15 +231,13 @@ class NestedCluster:
         return [dataclasses.replace(load, nodes=tuple(nodes)) for load in loads]
 
     def _load_engine_image(self, image: str, timeout: float) -> ImageLoad:
-        before = inner_image_id(self.host, inner_reference(image))
-        reference = self.host.load_image(image, timeout)
-        if reference is None:
+        loaded = self.host.load_image(image, timeout)
+        if loaded is None:
             raise ImageError(
                 f"cannot load {image}: the Docker engine where the test runs does not have it "
                 "(docker pull or docker build it first, or give a docker save archive's path)"
             )
-        after = inner_image_id(self.host, reference)
-        return ImageLoad(image, reference, moved=before is None or before != after)
+        return ImageLoad(image, loaded.reference, moved=loaded.moved)
 
     def _load_archive(self, path: Path, timeout: float) -> list[ImageLoad]:
         found = archive_images(path)
@@ -861,7 +859,7 @@ class ClusterFactory:
                 if inner is None:
                     say(f"kipik {first}: {image} is not local; kind will pull it")
                 else:
-                    images[image] = inner
+                    images[image] = inner.reference
 
             def make(name: str, port: int) -> NestedCluster:
                 return self._kind_cluster(

@@ -118,12 +118,13 @@ class Host(Protocol):
         """
         ...
 
-    def load_image(self, image: str, timeout: float) -> str | None:
+    def load_image(self, image: str, timeout: float) -> Loaded | None:
         """Move ``image`` from the engine where the test runs into the inner daemon.
 
         Returns the reference the inner daemon knows it by (a digest-pinned reference cannot be
-        loaded as such, so it gets a tag), or None (and does nothing) when there is no local copy.
-        An image the inner daemon has already (same id) is not moved again.
+        loaded as such, so it gets a tag) and whether bytes moved, or None (and does nothing)
+        when there is no local copy. An image the inner daemon has already (same id) is not
+        moved again.
         """
         ...
 
@@ -190,6 +191,39 @@ def inner_image_id(host: Host, reference: str) -> str | None:
     """The id the inner daemon knows ``reference`` (a name or an id) by, if it has it."""
     found = host.exec(["docker", "image", "inspect", "--format", "{{.Id}}", reference], timeout=60)
     return found.stdout.strip() if found.exit_code == 0 else None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A local image in a host's inner daemon (what :meth:`Host.load_image` returns)."""
+
+    #: The name the inner daemon knows it by.
+    reference: str
+    #: False: the inner daemon had this very image (same id) already.
+    moved: bool
+
+
+#: Sends one local image into a host (``docker load`` there): the image's id and the load's
+#: result, or None when there is no local copy after all.
+Move = Callable[[], "tuple[str, CommandResult] | None"]
+
+
+def load_unless_present(host: Host, image: str, local_id: str | None, move: Move) -> Loaded | None:
+    """Both hosts' ``load_image`` around their own ``move``.
+
+    An image the inner daemon has already (same id) is skipped; else it is moved and tagged as
+    kind will ask for it.
+    """
+    if local_id is None:
+        return None
+    reference = inner_reference(image)
+    if inner_image_id(host, reference) == local_id:
+        return Loaded(reference, moved=False)
+    sent = move()
+    if sent is None:
+        return None
+    image_id, result = sent
+    return Loaded(tag_loaded(host, image, image_id, result), moved=True)
 
 
 def tag_loaded(host: Host, image: str, image_id: str, loaded: CommandResult) -> str:

@@ -35,14 +35,14 @@ from pytest_kipik.errors import (
 from pytest_kipik.hosts.base import (
     ChunkReader,
     Endpoint,
+    Loaded,
     OutputSink,
     Owned,
     extract_tree,
     inner_dockerd_args,
-    inner_image_id,
-    tag_loaded,
+    load_unless_present,
 )
-from pytest_kipik.image import ensure_default_image, inner_reference
+from pytest_kipik.image import ensure_default_image
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
 from pytest_kipik.waiting import NotYet, wait_until
@@ -486,23 +486,24 @@ class DockerHost:
             chunks: Iterator[bytes] = iter(lambda: handle.read(_STREAM_CHUNK), b"")
             return self.exec(argv, stdin=chunks, timeout=timeout)
 
-    def load_image(self, image: str, timeout: float) -> str | None:
+    def load_image(self, image: str, timeout: float) -> Loaded | None:
         """Stream ``image`` from the local engine into the inner daemon, then tag it there.
 
         A warm host that has the very same image (same id) already is not sent it again.
         """
         try:
-            local_id = str(self.client.images.get(image).id)
+            local_id: str | None = str(self.client.images.get(image).id)
         except docker.errors.ImageNotFound:
-            return None
-        if inner_image_id(self, inner_reference(image)) == local_id:
-            return inner_reference(image)
-        found = image_stream(self.client, image)
-        if found is None:
-            return None
-        image_id, chunks = found
-        loaded = self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
-        return tag_loaded(self, image, image_id, loaded)
+            local_id = None
+
+        def move() -> tuple[str, CommandResult] | None:
+            found = image_stream(self.client, image)
+            if found is None:
+                return None
+            image_id, chunks = found
+            return image_id, self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
+
+        return load_unless_present(self, image, local_id, move)
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the container's output."""

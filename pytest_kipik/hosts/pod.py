@@ -44,16 +44,15 @@ from pytest_kipik.errors import (
 from pytest_kipik.hosts.base import (
     SERVICE_ACCOUNT_DIR,
     Endpoint,
+    Loaded,
     OutputSink,
     Owned,
     extract_tree,
     in_pod,
     inner_dockerd_args,
-    inner_image_id,
-    tag_loaded,
+    load_unless_present,
 )
 from pytest_kipik.hosts.docker import engine_answers, image_stream
-from pytest_kipik.image import inner_reference
 from pytest_kipik.pod_manifest import CONTAINER, build_pod, load_template
 from pytest_kipik.portforward import PortForwarder, Target, streaming
 from pytest_kipik.process import CommandResult, Output, run_in
@@ -484,26 +483,24 @@ class PodHost:
                 ["sh", "-c", script, "sh", str(size), *argv], timeout=timeout, stdin=chunks
             )
 
-    def load_image(self, image: str, timeout: float) -> str | None:
+    def load_image(self, image: str, timeout: float) -> Loaded | None:
         """Stream ``image`` from the local engine through exec into the inner daemon.
 
         The archive is spooled to a private temporary file first (never held in memory): its
         size must be known, because the remote side reads exactly that many bytes.
         """
-        local_id = self.backend.local_image_id(image)
-        if local_id is None:
-            return None
-        if inner_image_id(self, inner_reference(image)) == local_id:
-            return inner_reference(image)
-        spooled = self.backend.spool_image(image)
-        if spooled is None:
-            return None
-        image_id, path = spooled
-        try:
-            loaded = self.feed(["docker", "load", "--quiet"], path, timeout)
-        finally:
-            path.unlink(missing_ok=True)
-        return tag_loaded(self, image, image_id, loaded)
+
+        def move() -> tuple[str, CommandResult] | None:
+            spooled = self.backend.spool_image(image)
+            if spooled is None:
+                return None
+            image_id, path = spooled
+            try:
+                return image_id, self.feed(["docker", "load", "--quiet"], path, timeout)
+            finally:
+                path.unlink(missing_ok=True)
+
+        return load_unless_present(self, image, self.backend.local_image_id(image), move)
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the pod's output."""
