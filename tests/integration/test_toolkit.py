@@ -184,7 +184,9 @@ def test_port_forward_errors_name_the_target(web: NestedCluster) -> None:
         cluster.port_forward("job/x", 80).__enter__()
 
 
-def test_a_crd_and_its_custom_resources_in_one_apply(cluster: NestedCluster) -> None:
+def test_a_crd_and_its_custom_resources_in_one_apply(
+    cluster: NestedCluster, tmp_path: Path
+) -> None:
     crd = {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -215,11 +217,20 @@ def test_a_crd_and_its_custom_resources_in_one_apply(cluster: NestedCluster) -> 
     }
     widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w1"}}
     widget["spec"] = {"size": 3}
-    applied = cluster.apply([widget, crd])  # kipik orders the CRD first and waits for it
-    assert [o["kind"] for o in applied] == ["CustomResourceDefinition", "Widget"]
+    settings = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "widget-settings"}}
+    settings["data"] = {"size": "3"}
+    # one multi-document file, the custom resource before its CRD: kipik orders the CRD first
+    # and waits until it is established
+    manifest = tmp_path / "widgets.yaml"
+    manifest.write_text(yaml.safe_dump_all([widget, settings, crd]))
+    applied = cluster.apply(manifest)
+    assert [o["kind"] for o in applied] == ["CustomResourceDefinition", "Widget", "ConfigMap"]
     found = cluster.wait_for("widgets.example.com", "w1", timeout=10)
     assert found["spec"] == {"size": 3}
-    assert cluster.delete([widget, crd], wait=True) == [
+    stored = cluster.core_v1.read_namespaced_config_map("widget-settings", "default")
+    assert stored.data == {"size": "3"}
+    assert cluster.delete(manifest, wait=True) == [
+        "ConfigMap default/widget-settings",
         "Widget default/w1",
         "CustomResourceDefinition widgets.example.com",
     ]
@@ -310,8 +321,23 @@ def test_same_cluster_again(nested_cluster, request):
 """
 
 MODULE_WITHOUT_MARKER = """
+NAMES = []
+
 def test_one_node(nested_cluster):
     assert len(nested_cluster.core_v1.list_node().items) == 1
+
+def test_a_namespace(nested_namespace):
+    NAMES.append(nested_namespace.name)
+    assert nested_namespace.name.startswith("test-a-namespace-")
+
+def test_another_namespace(nested_namespace):
+    NAMES.append(nested_namespace.name)
+    assert nested_namespace.name.startswith("test-another-namespace-")
+
+def test_both_namespaces_are_gone(nested_cluster):
+    assert len(set(NAMES)) == 2
+    for name in NAMES:
+        nested_cluster.wait_for("Namespace", name, condition="deleted", timeout=60)
 """
 
 
@@ -330,7 +356,7 @@ def test_marker_namespace_report_and_logs_dir(
         f"--kipik-logs-dir={logs}",
         f"--kipik-load-images={APP_IMAGE}",
     )
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=6, failed=1)
     out = result.stdout.str()
     made = sorted(set(re.findall(r"kipik (kipik-\w+(?:-\w+)?): kind create", out)))
     assert len(made) == 2, out  # one cluster per configuration, each made once
