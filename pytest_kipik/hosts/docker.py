@@ -127,6 +127,14 @@ def ensure_image(client: docker.DockerClient, image: str, report: Reporter) -> N
         ) from None
 
 
+def local_image_id(client: docker.DockerClient, image: str) -> str | None:
+    """The id of ``image`` on this engine, or None when the engine lacks it."""
+    try:
+        return str(client.images.get(image).id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def image_stream(client: docker.DockerClient, image: str) -> tuple[str, Iterator[bytes]] | None:
     """``(image id, docker save stream)`` of a local image, or None when the engine lacks it.
 
@@ -491,10 +499,6 @@ class DockerHost:
 
         A warm host that has the very same image (same id) already is not sent it again.
         """
-        try:
-            local_id: str | None = str(self.client.images.get(image).id)
-        except docker.errors.ImageNotFound:
-            local_id = None
 
         def move() -> tuple[str, CommandResult] | None:
             found = image_stream(self.client, image)
@@ -503,7 +507,7 @@ class DockerHost:
             image_id, chunks = found
             return image_id, self.exec(["docker", "load", "--quiet"], stdin=chunks, timeout=timeout)
 
-        return load_unless_present(self, image, local_id, move)
+        return load_unless_present(self, image, local_image_id(self.client, image), move)
 
     def daemon_log(self, lines: int = 50) -> str:
         """The tail of the inner daemon's log, or of the container's output."""

@@ -52,7 +52,7 @@ from pytest_kipik.hosts.base import (
     inner_dockerd_args,
     load_unless_present,
 )
-from pytest_kipik.hosts.docker import engine_answers, image_stream
+from pytest_kipik.hosts.docker import engine_answers, image_stream, local_image_id
 from pytest_kipik.pod_manifest import CONTAINER, build_pod, load_template
 from pytest_kipik.portforward import PortForwarder, Target, streaming
 from pytest_kipik.process import CommandResult, Output, run_in
@@ -696,12 +696,7 @@ class PodBackend:
     def local_image_id(self, image: str) -> str | None:
         """The id of ``image`` on the local engine; None without an engine or such an image."""
         engine = self._local_engine()
-        if engine is None:
-            return None
-        try:
-            return str(engine.images.get(image).id)
-        except docker.errors.ImageNotFound:
-            return None
+        return None if engine is None else local_image_id(engine, image)
 
     def spool_image(self, image: str) -> tuple[str, Path] | None:
         """``docker save`` of a local image into a private temporary file, or None.
