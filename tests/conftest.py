@@ -11,9 +11,11 @@ import os
 import re
 import secrets
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -21,10 +23,36 @@ import pytest
 
 from pytest_kipik import NestedCluster
 from pytest_kipik.hosts.docker import owned_resources
+from tests.doubles.outer import OuterCluster
 
 DIND_IMAGE = "kipik-test/dind:dev"
 NODE_IMAGE = "kipik-test/node:dev"
 APP_IMAGE = "kipik-test/app:dev"
+#: The test app behind a NodePort Service, as the toolkit tests apply it.
+WEB = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: kipik-test/app:dev
+        imagePullPolicy: IfNotPresent
+        ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+"""
 BUILD_HINT = "build them with: python3 tests/images/build.py"
 
 
@@ -75,6 +103,13 @@ def built_image(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]
     docker_client.images.remove(tag, force=True)
 
 
+def http_get(port: int, timeout: float) -> bytes:
+    """The body of ``GET /`` at ``127.0.0.1:port`` (e.g. a port-forward's local end)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as answer:
+        body: bytes = answer.read()
+        return body
+
+
 def output_of_a_pod(cluster: NestedCluster, image: str, command: list[str]) -> str:
     """Run ``command`` in a pod of ``image`` in the nested cluster; its log once it succeeded."""
     name = f"run-{secrets.token_hex(3)}"
@@ -94,6 +129,20 @@ def output_of_a_pod(cluster: NestedCluster, image: str, command: list[str]) -> s
     log: str = cluster.core_v1.read_namespaced_pod_log(name, "default")
     cluster.delete(pod, namespace="default")
     return log
+
+
+#: The namespace of the outer-cluster double the pod backend tests use.
+OUTER_NAMESPACE = "kipik-test"
+
+
+@pytest.fixture(scope="module")
+def outer(tmp_path_factory: pytest.TempPathFactory, test_images: tuple[str, str]) -> Iterator[Any]:
+    """One outer-cluster double (tests/doubles/outer) per module; gone without a trace after."""
+    with OuterCluster.start(
+        tmp_path_factory.mktemp("outer"), namespaces=(OUTER_NAMESPACE,)
+    ) as cluster:
+        yield cluster
+    assert cluster.leftovers() == []
 
 
 def owned(client: docker.DockerClient) -> list[str]:

@@ -24,10 +24,10 @@ import pytest
 from kubernetes import client as k8s_client
 
 from pytest_kipik import kubeconfig
-from tests.doubles.outer import OuterCluster
+from tests.conftest import OUTER_NAMESPACE
 
 pytestmark = pytest.mark.docker
-NAMESPACE = "kipik-test"
+NAMESPACE = OUTER_NAMESPACE
 
 
 def kipik(
@@ -205,14 +205,6 @@ def test_doctor_names_a_missing_image(cli_env: dict[str, str]) -> None:
 
 
 # -- the pod backend, against the outer-cluster double -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def outer(tmp_path_factory: pytest.TempPathFactory, test_images: tuple[str, str]) -> Iterator[Any]:
-    """One outer-cluster double for the pod backend tests of this module."""
-    with OuterCluster.start(tmp_path_factory.mktemp("outer"), namespaces=(NAMESPACE,)) as cluster:
-        yield cluster
-    assert cluster.leftovers() == []
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,19 @@ from kubernetes import client as k8s_client
 
 from pytest_kipik import kubeconfig
 from pytest_kipik.waiting import NotYet, wait_until
-from tests.conftest import Leftovers, output_of_a_pod
-from tests.doubles.outer import OuterCluster
+from tests.conftest import (
+    APP_IMAGE,
+    OUTER_NAMESPACE,
+    WEB,
+    Leftovers,
+    http_get,
+    output_of_a_pod,
+)
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
-NAMESPACE = "kipik-test"
+NAMESPACE = OUTER_NAMESPACE
 SITE_PACKAGES = Path(next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()))
-
-
-@pytest.fixture(scope="module")
-def outer(tmp_path_factory: pytest.TempPathFactory, test_images: tuple[str, str]) -> Iterator[Any]:
-    """One outer-cluster double for this module; each test starts from a clean policy."""
-    with OuterCluster.start(tmp_path_factory.mktemp("outer"), namespaces=(NAMESPACE,)) as cluster:
-        yield cluster
-    assert cluster.leftovers() == []
 
 
 @pytest.fixture
@@ -50,39 +47,6 @@ def fresh_outer(outer: Any) -> Iterator[Any]:
     outer.allow_all()
     outer.hold_pending(False)
     assert _pods(outer) == [], "a test left pods in the outer cluster"
-
-
-APP_IMAGE = "kipik-test/app:dev"
-WEB = [
-    {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "containers": [
-                        {"name": "web", "image": APP_IMAGE, "ports": [{"containerPort": 8080}]}
-                    ]
-                },
-            },
-        },
-    },
-    {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
-    },
-]
-
-
-def _http_get(port: int) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as answer:
-        body: bytes = answer.read()
-        return body
 
 
 def _pods(outer: Any, namespace: str = NAMESPACE) -> list[str]:
@@ -174,7 +138,7 @@ def test_twenty_concurrent_https_requests_through_one_port_forward_and_the_toolk
         cluster.wait_for("Deployment", "web", condition="Available", timeout=120)
         with cluster.port_forward("svc/web", 80) as forward:
             with concurrent.futures.ThreadPoolExecutor(20) as pool:
-                bodies = list(pool.map(lambda _: _http_get(forward.local_port), range(20)))
+                bodies = list(pool.map(lambda _: http_get(forward.local_port, 30), range(20)))
             assert bodies == [b"kipik app\n"] * 20
             assert forward.connections == 20
     assert _pods(fresh_outer) == []

@@ -7,7 +7,6 @@ from the node's image store as real processes.
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,36 +18,10 @@ import yaml
 
 from pytest_kipik import ClusterFactory, KipikError, NestedCluster, ReadinessTimeout
 from pytest_kipik.config import resolve
-from tests.conftest import output_of_a_pod
+from tests.conftest import APP_IMAGE, WEB, http_get, output_of_a_pod
 
 pytestmark = pytest.mark.docker
-APP_IMAGE = "kipik-test/app:dev"
 EXAMPLES = Path(__file__).parents[2] / "examples"
-
-WEB = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      containers:
-      - name: web
-        image: kipik-test/app:dev
-        imagePullPolicy: IfNotPresent
-        ports: [{name: http, containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: http}]
-"""
 
 
 def _config(test_images: tuple[str, str], tmp: Path) -> Any:
@@ -85,12 +58,6 @@ def web(cluster: NestedCluster, app_image: str) -> NestedCluster:
     cluster.apply(WEB)
     cluster.wait_for("Deployment", "web", condition="Available", timeout=60)
     return cluster
-
-
-def _get(port: int) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=20) as answer:
-        body: bytes = answer.read()
-        return body
 
 
 def _pods(cluster: NestedCluster, selector: str) -> list[dict[str, Any]]:
@@ -148,7 +115,7 @@ def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
     cluster = web
     with cluster.port_forward("svc/web", 80) as forward:
         with ThreadPoolExecutor(20) as pool:  # 20 at once, one stream each
-            bodies = list(pool.map(lambda _: _get(forward.local_port), range(20)))
+            bodies = list(pool.map(lambda _: http_get(forward.local_port, 20), range(20)))
         assert set(bodies) == {b"kipik app\n"}
         # the pod goes (its streams drop); the deployment makes another; new connections reach it
         pods = cluster.core_v1.list_namespaced_pod("default", label_selector="app=web").items
@@ -165,7 +132,7 @@ def test_port_forward_to_a_service_serves_many_connections_and_outlives_its_pod(
             )
 
         cluster.wait_for("Deployment", "web", condition=replaced, timeout=60)
-        assert _get(forward.local_port) == b"kipik app\n"
+        assert http_get(forward.local_port, 20) == b"kipik app\n"
         assert forward.connections == 21
 
 
