@@ -25,8 +25,10 @@ from pytest_kipik import NestedCluster
 from pytest_kipik.hosts.docker import owned_resources
 from tests.doubles.outer import OuterCluster
 
-DIND_IMAGE = "kipik-test/dind:dev"
-NODE_IMAGE = "kipik-test/node:dev"
+#: The real-kind tier's images: a DinD image with a real kind, and a real kind node image.
+#: ``bash tests/run.sh`` sets both when ``../shared/realkind`` is beside the checkout.
+DIND_IMAGE = os.environ.get("KIPIK_E2E_IMAGE") or "kipik-test/dind:dev"
+NODE_IMAGE = os.environ.get("KIPIK_E2E_NODE_IMAGE") or "kipik.local/kind-node:v1.22.3"
 APP_IMAGE = "kipik-test/app:dev"
 #: The test app behind a NodePort Service, as the toolkit tests apply it.
 WEB = """
@@ -53,7 +55,10 @@ spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: http}]
 """
-BUILD_HINT = "build them with: python3 tests/images/build.py"
+BUILD_HINT = (
+    "bash tests/run.sh builds them (with ../shared/realkind beside the checkout), or name your "
+    "own with KIPIK_E2E_IMAGE (a DinD image with a real kind) and KIPIK_E2E_NODE_IMAGE"
+)
 
 
 def _unavailable(reason: str) -> None:
@@ -76,7 +81,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def test_images(docker_client: docker.DockerClient) -> tuple[str, str]:
-    """The DinD test image and the kind-double node image, which must have been built."""
+    """The DinD image with a real kind and the real node image (skip without them, not in CI)."""
     for image in (DIND_IMAGE, NODE_IMAGE):
         try:
             docker_client.images.get(image)

@@ -2,8 +2,12 @@
 # The project's two entry points, from a fresh machine:
 #   bash tests/run.sh examples   set up, then run examples/ against a nested cluster
 #   bash tests/run.sh tests      set up, then run the test suite, lint and type checks
-# Setting up means: a Docker engine that answers (tests/engine.sh), tox, and the test images
-# (tests/images/build.py, cached by content hash). Extra arguments go to pytest.
+# Setting up means: a Docker engine that answers (tests/engine.sh), tox, real kind images where
+# ../shared/realkind is beside the checkout (its build.sh: kind v0.32.0, a Kubernetes v1.22.3 node
+# image, and the host's own kind and kubectl), and the test images (tests/images/build.py, cached
+# by content hash). Without ../shared/realkind the real-kind tier takes its images from
+# KIPIK_E2E_IMAGE / KIPIK_E2E_NODE_IMAGE, or skips saying why (never under CI=true), and the
+# examples run on kipik's and kind's defaults (which need a registry). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-tests}
@@ -38,13 +42,32 @@ if ! python3 -c 'import docker' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check 'docker>=7.1'
 fi
 
+build_args=()
+realkind=$(cd .. && pwd)/shared/realkind
+if [[ -f $realkind/build.sh ]]; then
+    step "real kind images ($realkind)"
+    bash "$realkind/build.sh"
+    kind_bin=$(bash "$realkind/build.sh" bin)
+    export PATH="$kind_bin:$PATH"  # the host's own kind and kubectl (the outer cluster's)
+    export KIPIK_E2E_IMAGE=${KIPIK_E2E_IMAGE:-kipik-test/dind:dev}
+    export KIPIK_E2E_NODE_IMAGE=${KIPIK_E2E_NODE_IMAGE:-kipik.local/kind-node:v1.22.3}
+    build_args=(--kind-bin "$kind_bin")
+elif [[ ${CI:-} == true ]]; then
+    echo "CI=true but $realkind is missing: the real-kind tier cannot run" >&2
+    exit 1
+fi
+
 step "test images"
-python3 tests/images/build.py
+python3 tests/images/build.py "${build_args[@]}"
+
+images=()
+[[ -n ${KIPIK_E2E_IMAGE:-} ]] && images+=("--kipik-image=$KIPIK_E2E_IMAGE")
+[[ -n ${KIPIK_E2E_NODE_IMAGE:-} ]] && images+=("--kipik-node-image=$KIPIK_E2E_NODE_IMAGE")
 
 case $what in
     examples)
         step "example suite against a nested cluster"
-        exec python3 -m tox -e examples -- examples --kipik-image=kipik-test/dind:dev --kipik-node-image=kipik-test/node:dev "$@"
+        exec python3 -m tox -e examples -- examples "${images[@]}" "$@"
         ;;
     tests)
         step "lint and types"

@@ -29,6 +29,7 @@ from pytest_kipik import labels as lbl
 from pytest_kipik.errors import (
     DockerUnavailableError,
     HostError,
+    KipikError,
     ImageError,
     NameClashError,
 )
@@ -156,6 +157,12 @@ def _engine_address(client: docker.DockerClient) -> str:
     return "127.0.0.1"
 
 
+def _missing_modules(exc: docker.errors.APIError) -> bool:
+    """Whether the engine refused a container because its host has no ``/lib/modules``."""
+    text = str(exc.explanation or exc)
+    return "bind source path does not exist" in text and "/lib/modules" in text
+
+
 def _describe_owner(found: Mapping[str, str]) -> str:
     run = found.get(lbl.RUN_ID)
     if run is None:
@@ -233,9 +240,34 @@ class DockerHost:
             pass
         if not self.image and self._resolve_image is not None:  # pulled or built only now
             self.image = self._resolve_image()
-        bind_ip = "127.0.0.1" if self.address == "127.0.0.1" else "0.0.0.0"
         try:
-            self.container = self.client.containers.run(  # type: ignore[call-overload]
+            self.container = self._run(modules=True)
+        except docker.errors.APIError as exc:
+            if not _missing_modules(exc):
+                raise self._refused(exc) from None
+            # an engine host without /lib/modules (some VMs): kind's nodes still run, only
+            # nothing inside can load kernel modules (`kipik doctor` says so)
+            try:
+                self.container = self._run(modules=False)
+            except docker.errors.APIError as again:
+                raise self._refused(again) from None
+
+    def _run(self, *, modules: bool) -> Container:
+        """``docker run`` the privileged DinD container (with the host's /lib/modules or not)."""
+        bind_ip = "127.0.0.1" if self.address == "127.0.0.1" else "0.0.0.0"
+        mounts = [
+            # anonymous: no name to clash with, removed together with the container
+            Mount(
+                "/var/lib/docker",
+                None,
+                type="volume",
+                labels={**self.labels, lbl.ROLE: "docker-data"},
+            )
+        ]
+        if modules:  # kind binds /lib/modules into its nodes (kube-proxy loads modules)
+            mounts.append(Mount("/lib/modules", "/lib/modules", type="bind", read_only=True))
+        try:
+            container: Container = self.client.containers.run(  # type: ignore[call-overload]
                 self.image,
                 command=inner_dockerd_args(),
                 name=self._name,
@@ -244,31 +276,24 @@ class DockerHost:
                 privileged=True,
                 labels=self.labels,
                 auto_remove=not lbl.leased(self.labels),
-                mounts=[
-                    # anonymous: no name to clash with, removed together with the container
-                    Mount(
-                        "/var/lib/docker",
-                        None,
-                        type="volume",
-                        labels={**self.labels, lbl.ROLE: "docker-data"},
-                    ),
-                    # kind binds /lib/modules into its nodes (kube-proxy loads modules)
-                    Mount("/lib/modules", "/lib/modules", type="bind", read_only=True),
-                ],
+                mounts=mounts,
                 ports={f"{port}/tcp": (bind_ip, None) for port in self.inner_ports},
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageError(f"the DinD image {self.image!r} does not exist: {exc}") from None
-        except docker.errors.APIError as exc:
-            if exc.status_code == 409:  # created meanwhile by someone else
-                try:
-                    raise self._clash(self.client.containers.get(self._name)) from None
-                except docker.errors.NotFound:
-                    pass
-            raise HostError(
-                f"the Docker engine refused to start the privileged DinD container "
-                f"{self._name} from {self.image}: {exc.explanation or exc}"
-            ) from None
+        return container
+
+    def _refused(self, exc: docker.errors.APIError) -> KipikError:
+        """The error for an engine that refused the container (a name clash, or else why)."""
+        if exc.status_code == 409:  # created meanwhile by someone else
+            try:
+                return self._clash(self.client.containers.get(self._name))
+            except docker.errors.NotFound:
+                pass
+        return HostError(
+            f"the Docker engine refused to start the privileged DinD container "
+            f"{self._name} from {self.image}: {exc.explanation or exc}"
+        )
 
     def wait_ready(self, timeout: float) -> None:
         """Wait until ``docker version`` inside the container reaches the inner daemon."""

@@ -4,18 +4,23 @@
     python3 tests/images/build.py            # build what is missing or out of date
     python3 tests/images/build.py --force    # rebuild everything
 
-Three images come out of it. Two start from a Debian root filesystem made with mmdebstrap (from
-the machine's apt sources) and imported with `docker import`, because no base image can be pulled
-here; the third is built FROM scratch:
+Two images come out of it:
 
-- ``kipik-test/dind:dev``: the Docker-in-Docker image, started exactly like the default image in
-  ``image/`` (same entrypoint, runc wrapper, volume, healthcheck and labels: the block
-  between the ``kipik:common`` markers of ``image/Dockerfile`` is reused verbatim), with the kind
-  test double from ``tests/doubles/kind/kind`` as ``/usr/local/bin/kind``.
-- ``kipik-test/node:dev``: the node-image double: ``tests/doubles/node/`` as ``/kipik-node/``.
-- ``kipik-test/app:dev``: a test app of a couple of MB for the node double's kubelet to run: the
-  host's static ``/bin/busybox`` (Debian's ``busybox-static``), its applet links, and an httpd
-  serving ``/www/index.html`` (``kipik app``) on port 8080.
+- ``kipik-test/dind:dev``: the project's own Docker-in-Docker recipe on a Debian root filesystem
+  made with mmdebstrap (from the machine's apt sources) and imported with `docker import`, because
+  no base image can be pulled here. It starts exactly like the default image in ``image/`` (same
+  entrypoint, runc wrapper, volume, healthcheck and labels: the block between the
+  ``kipik:common`` markers of ``image/Dockerfile`` is reused verbatim), with a real ``kind`` and
+  ``kubectl`` from ``--kind-bin DIR`` (``bash ../shared/realkind/build.sh bin`` prints such a
+  folder: kind v0.32.0 and kubectl v1.22.3) where the default image downloads them. Without
+  ``--kind-bin`` it is not built (said so), and the real-kind tier takes its images from
+  ``KIPIK_E2E_IMAGE`` / ``KIPIK_E2E_NODE_IMAGE`` or skips.
+- ``kipik-test/app:dev``: a test app of a couple of MB, built FROM scratch: the host's static
+  ``/bin/busybox`` (Debian's ``busybox-static``), its applet links, and an httpd serving
+  ``/www/index.html`` (``kipik app``) on port 8080.
+
+The kind node image is not built here: ``bash ../shared/realkind/build.sh`` builds a real one
+(``kipik.local/kind-node:v1.22.3``).
 
 Everything is cached by content: a root filesystem is tagged ``kipik-test/rootfs-<name>:<hash of
 suite, variant, architecture, packages and options>`` and is built only when that tag is missing;
@@ -47,7 +52,6 @@ import docker.errors
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_DIR = REPO / "image"
-DEFAULT_DOUBLES_DIR = REPO / "tests" / "doubles"
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -120,19 +124,8 @@ class ImageRecipe:
 
 DIND_ROOTFS = Rootfs(
     "dind",
-    (
-        "docker.io",
-        "iptables",
-        "ca-certificates",
-        "python3",
-        "python3-yaml",
-        "procps",
-        "openssl",
-        "tini",
-        "jq",
-    ),
+    ("docker.io", "iptables", "ca-certificates", "procps", "openssl", "tini", "jq"),
 )
-NODE_ROOTFS = Rootfs("node", ("python3", "openssl", "ca-certificates", "procps"))
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary, no libraries
 APP_INDEX = "kipik app\n"
 
@@ -149,35 +142,35 @@ def common_dind_block(dockerfile: Path) -> str:
     return "\n".join(lines[begin : end + 1])
 
 
-def recipes(doubles: Path) -> list[ImageRecipe]:
-    """The two test images, with their inputs taken from the repository."""
-    dind = f"""\
+def dind_recipe(kind_bin: Path) -> ImageRecipe:
+    """The test DinD image: the default image's recipe with the real kind and kubectl given."""
+    dockerfile = f"""\
 FROM {{rootfs}}
-COPY kind /usr/local/bin/kind
-RUN chmod 0755 /usr/local/bin/kind
+COPY kind kubectl /usr/local/bin/
+RUN chmod 0755 /usr/local/bin/kind /usr/local/bin/kubectl && kind version && kubectl version --client
 LABEL org.opencontainers.image.title="kipik-test-dind" \\
-      org.opencontainers.image.description="pytest-kipik test DinD image (kind test double)"
+      org.opencontainers.image.description="pytest-kipik DinD image with a real kind (test build)"
 {common_dind_block(IMAGE_DIR / "Dockerfile")}
 """
-    node = """\
-FROM {rootfs}
-COPY node/ /kipik-node/
-# kubeadm, and whichever other tools of a real node image the double provides (kubectl, crictl,
-# ctr), on PATH where kind expects them.
-RUN ln -s /kipik-node/kubeadm /usr/local/bin/kubeadm \\
-    && for tool in /kipik-node/*; do \\
-         case "${tool##*/}" in entrypoint|kubeadm|*.*) continue ;; esac; \\
-         if [ -f "$tool" ] && [ -x "$tool" ]; then ln -s "$tool" /usr/local/bin/; fi; \\
-       done
-LABEL org.opencontainers.image.title="kipik-test-node" \\
-      org.opencontainers.image.description="pytest-kipik kind node image double" \\
-      kipik-test.image="node"
-STOPSIGNAL SIGRTMIN+3
-ENTRYPOINT ["/kipik-node/entrypoint"]
-"""
-    # The classic builder runs exec-form RUN without a shell, so the static busybox can make its
-    # own applet links in an image that has nothing else.
-    app = """\
+    return ImageRecipe(
+        tag="kipik-test/dind:dev",
+        rootfs=DIND_ROOTFS,
+        dockerfile=dockerfile,
+        files={
+            "entrypoint.sh": IMAGE_DIR / "entrypoint.sh",
+            "runc-capfix": IMAGE_DIR / "runc-capfix",
+            "kind": kind_bin / "kind",
+            "kubectl": kind_bin / "kubectl",
+        },
+    )
+
+
+# The classic builder runs exec-form RUN without a shell, so the static busybox can make its own
+# applet links in an image that has nothing else.
+APP_RECIPE = ImageRecipe(
+    tag="kipik-test/app:dev",
+    rootfs=None,
+    dockerfile="""\
 FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
@@ -187,32 +180,21 @@ LABEL org.opencontainers.image.title="kipik-test-app" \\
       kipik-test.image="app"
 EXPOSE 8080
 CMD ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
-"""
-    return [
-        ImageRecipe(
-            tag="kipik-test/dind:dev",
-            rootfs=DIND_ROOTFS,
-            dockerfile=dind,
-            files={
-                "entrypoint.sh": IMAGE_DIR / "entrypoint.sh",
-                "runc-capfix": IMAGE_DIR / "runc-capfix",
-                "kind": doubles / "kind" / "kind",
-            },
-        ),
-        ImageRecipe(
-            tag="kipik-test/node:dev",
-            rootfs=NODE_ROOTFS,
-            dockerfile=node,
-            files={"node": doubles / "node"},
-        ),
-        ImageRecipe(
-            tag="kipik-test/app:dev",
-            rootfs=None,
-            dockerfile=app,
-            files={"busybox": BUSYBOX},
-            texts={"index.html": APP_INDEX},
-        ),
-    ]
+""",
+    files={"busybox": BUSYBOX},
+    texts={"index.html": APP_INDEX},
+)
+
+
+def recipes(kind_bin: Path | None) -> list[ImageRecipe]:
+    """The test images to build: the DinD image only when real kind binaries are given."""
+    if kind_bin is None:
+        say(
+            "kipik-test/dind:dev: not built (no --kind-bin folder with a real kind and kubectl; "
+            "bash ../shared/realkind/build.sh bin prints one)"
+        )
+        return [APP_RECIPE]
+    return [dind_recipe(kind_bin), APP_RECIPE]
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -290,11 +272,6 @@ def check_inputs(image: ImageRecipe) -> None:
             )
         if not source.exists():
             raise BuildFailure(f"{image.tag}: input '{name}' is missing: {source} does not exist")
-    if image.rootfs is NODE_ROOTFS:
-        node = image.files["node"]
-        for required in ("entrypoint", "kubeadm"):
-            if not (node / required).exists():
-                raise BuildFailure(f"{image.tag}: the node double has no {node / required}")
 
 
 # --- Docker --------------------------------------------------------------------------------------
@@ -468,10 +445,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python3 tests/images/build.py",
         description=(
-            "Build kipik-test/dind:dev, kipik-test/node:dev and kipik-test/app:dev, the images "
-            "the test suite uses on machines that cannot pull anything, from Debian root "
-            "filesystems made with mmdebstrap (the app image from the host's static busybox). "
-            "Cached by content hash: unchanged images are kept."
+            "Build kipik-test/dind:dev (with the real kind and kubectl of --kind-bin) and "
+            "kipik-test/app:dev, the images the test suite uses on machines that cannot pull "
+            "anything, from a Debian root filesystem made with mmdebstrap (the app image from the "
+            "host's static busybox). Cached by content hash: unchanged images are kept."
         ),
     )
     parser.add_argument(
@@ -480,11 +457,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="rebuild the root filesystems and the images even when they are up to date",
     )
     parser.add_argument(
-        "--doubles",
+        "--kind-bin",
         type=Path,
-        default=DEFAULT_DOUBLES_DIR,
+        default=None,
         metavar="DIR",
-        help="folder holding kind/kind and node/ (default: %(default)s)",
+        help="folder holding a real kind and kubectl for the DinD image (e.g. what "
+        "bash ../shared/realkind/build.sh bin prints); without it only the app image is built",
     )
     return parser.parse_args(argv)
 
@@ -496,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = connect()
         arch = engine_arch(client)
-        for image in recipes(args.doubles.resolve()):
+        for image in recipes(args.kind_bin.resolve() if args.kind_bin else None):
             ensure(client, image, arch, args.force)
     except BuildFailure as exc:
         print(f"build.py: error: {exc}", file=sys.stderr)

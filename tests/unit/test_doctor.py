@@ -121,10 +121,12 @@ def test_modules() -> None:
         "load kernel modules"
     )
     absent = doctor.judge_modules(False, "6.1.0", 0, False)
-    assert (absent.status, absent.fix.split(" (")[0]) == (
-        FAIL,
-        "create it on the engine host",
+    assert (absent.status, absent.finding) == (
+        WARN,
+        "the engine host has no /lib/modules: the DinD runs without it, and nothing inside can "
+        "load kernel modules",
     )
+    assert absent.fix.startswith("install the modules of kernel 6.1.0 on the engine host")
 
 
 @pytest.mark.parametrize(
