@@ -1,8 +1,9 @@
 """The pod backend next to the docker backend: time to ready per phase, measured in one run.
 
-The outer cluster is the outer-cluster double from tests/doubles/outer (its pods are real
-privileged containers on this engine; exec and port-forward are the real WebSocket protocols),
-so the pod column shows what the pod backend's own path costs: pod creation through the API,
+The outer cluster is a real kind cluster made on this engine with the host's own ``kind``
+(tests/e2e/outer.py; ``bash ../shared/realkind/build.sh bin`` puts one on PATH), with
+examples/rbac.yaml applied and its ServiceAccount's token used, so the pod column shows what the
+pod backend's own path costs: pod creation through the API,
 the node image streamed through the exec API, kind through exec, and the nested API server
 reached through a port-forward. Rounds alternate between the backends. Also prints the node-image
 throughput through exec and the ratio of pod to docker time to ready.
@@ -12,6 +13,7 @@ throughput through exec and the ratio of pod to docker time to ready.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 import tempfile
@@ -19,14 +21,12 @@ from pathlib import Path
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the outer-cluster double in tests/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the outer cluster in tests/e2e
 
 from time_to_ready import bench_arguments, phase_times  # as the docker benchmark measures
 
 from pytest_kipik import KipikConfig
-from tests.doubles.outer import OuterCluster
-
-NAMESPACE = "kipik-bench"
+from tests.e2e import outer as real_outer
 
 
 def main() -> int:
@@ -35,19 +35,24 @@ def main() -> int:
     engine = docker.from_env()
     size_mb = engine.images.get(args.node_image).attrs["Size"] / 1e6
     engine.close()
+    kind = shutil.which("kind")
+    if kind is None:
+        print('no kind on PATH: export PATH="$(bash ../shared/realkind/build.sh bin):$PATH"')
+        return 1
     results: dict[str, list[dict[str, float]]] = {"docker": [], "pod": []}
     with (
         tempfile.TemporaryDirectory(prefix="kipik-bench-") as tmp,
-        OuterCluster.start(Path(tmp), namespaces=(NAMESPACE,)) as outer,
+        real_outer.started(kind, Path(tmp), args.node_image, [args.image]) as outer,
     ):
+        namespace, account = real_outer.rbac_namespace(outer, "kipik-bench")
         configs = {
             "docker": KipikConfig(image=args.image, node_image=args.node_image, timeout=600),
             "pod": KipikConfig(
                 backend="pod",
                 image=args.image,
                 node_image=args.node_image,
-                outer_kubeconfig=Path(outer.kubeconfig_path),
-                namespace=NAMESPACE,
+                outer_kubeconfig=account,
+                namespace=namespace,
                 timeout=600,
             ),
         }

@@ -331,7 +331,9 @@ class KipikConfig:
         "",
         "pod backend: a YAML Pod (or Pod spec fragment) merged into the generated DinD pod: "
         "nodeSelector, tolerations, affinity, resources, runtimeClassName, imagePullSecrets, "
-        "annotations, labels, priorityClassName",
+        "annotations, labels, priorityClassName. The DinD pod requests 1 CPU / 2Gi by default, "
+        "so only one fits on a 2-CPU node; set smaller (or larger) requests here, e.g. "
+        "spec: {containers: [{name: dind, resources: {requests: {cpu: 500m, memory: 1Gi}}}]}",
         _pod_template,
         metavar="PATH",
         group=POD,

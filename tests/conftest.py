@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import docker
 import docker.errors
@@ -23,7 +22,6 @@ import pytest
 
 from pytest_kipik import NestedCluster
 from pytest_kipik.hosts.docker import owned_resources
-from tests.doubles.outer import OuterCluster
 
 #: The real-kind tier's images: a DinD image with a real kind, and a real kind node image.
 #: ``bash tests/run.sh`` sets both when ``../shared/realkind`` is beside the checkout.
@@ -134,20 +132,6 @@ def output_of_a_pod(cluster: NestedCluster, image: str, command: list[str]) -> s
     log: str = cluster.core_v1.read_namespaced_pod_log(name, "default")
     cluster.delete(pod, namespace="default")
     return log
-
-
-#: The namespace of the outer-cluster double the pod backend tests use.
-OUTER_NAMESPACE = "kipik-test"
-
-
-@pytest.fixture(scope="module")
-def outer(tmp_path_factory: pytest.TempPathFactory, test_images: tuple[str, str]) -> Iterator[Any]:
-    """One outer-cluster double (tests/doubles/outer) per module; gone without a trace after."""
-    with OuterCluster.start(
-        tmp_path_factory.mktemp("outer"), namespaces=(OUTER_NAMESPACE,)
-    ) as cluster:
-        yield cluster
-    assert cluster.leftovers() == []
 
 
 def owned(client: docker.DockerClient) -> list[str]:

@@ -65,6 +65,10 @@ PSA_LABEL = "pod-security.kubernetes.io/enforce=privileged"
 _CHUNK = 1024 * 1024
 _REQUEST_TIMEOUT = 30
 _EXEC_STATUS_CHANNEL = 3
+#: Namespaces where this process created a DinD pod, and where creating one was refused (403):
+#: when every creation was refused, a refused listing at teardown only repeats that error.
+_CREATED: set[str] = set()
+_CREATE_REFUSED: set[str] = set()
 
 
 def _api_failure(exc: ApiException, verb: str, resource: str, namespace: str) -> OuterClusterError:
@@ -164,8 +168,11 @@ class PodHost:
         except ApiException as exc:
             if exc.status == 409:
                 raise self._clash() from None
+            if exc.status == 403:
+                _CREATE_REFUSED.add(self.namespace)
             raise _api_failure(exc, "create", "pods", self.namespace) from None
         self._created = True
+        _CREATED.add(self.namespace)
 
     def _clash(self) -> NameClashError:
         try:
@@ -235,10 +242,12 @@ class PodHost:
             phase = pod.status.phase
             states = [cs.state for cs in pod.status.container_statuses or []]
             waiting = [s.waiting.reason for s in states if s.waiting]
-            if phase in ("Failed", "Succeeded") or any(w in fatal for w in waiting):
+            never_started = any(w in fatal for w in waiting)
+            if phase in ("Failed", "Succeeded") or never_started:
+                # a container that never started has no output: the status report says it all
+                output = "" if never_started else f"\n  its output:\n{self.daemon_log(20)}"
                 raise HostError(
-                    f"the DinD pod {self._name} cannot run:\n{self._status_report()}\n"
-                    f"  its output:\n{self.daemon_log(20)}"
+                    f"the DinD pod {self._name} cannot run:\n{self._status_report()}{output}"
                 )
             if phase != "Running":
                 raise NotYet(f"phase {phase} {' '.join(w for w in waiting if w)}".strip())
@@ -513,6 +522,8 @@ class PodHost:
                 self._name, self.namespace, tail_lines=lines, _request_timeout=_REQUEST_TIMEOUT
             )
             return text or "(no output)"
+        except ApiException as exc:  # its message only, never the headers str(exc) carries
+            return f"(pod output unavailable: {status_message(exc.body) or exc.reason})"
         except Exception as exc:  # a log is a courtesy, never a new failure
             return f"(pod output unavailable: {exc})"
 
@@ -729,6 +740,9 @@ class PodBackend:
                 self.namespace, label_selector=selector, _request_timeout=_REQUEST_TIMEOUT
             ).items
         except ApiException as exc:
+            nothing_made = self.namespace in _CREATE_REFUSED and self.namespace not in _CREATED
+            if exc.status == 403 and run_id and nothing_made:
+                return []  # no pod of this run can exist; the refused creation was reported
             raise _api_failure(exc, "list", "pods", self.namespace) from None
         return [Owned("pod", str(p.metadata.name), dict(p.metadata.labels or {})) for p in pods]
 

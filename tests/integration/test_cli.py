@@ -1,8 +1,9 @@
 """The ``kipik`` command end to end: the real entry point in a subprocess, the real engine.
 
-One ``up`` serves the whole docker flow (up, ls, shell, logs, down); the pod backend runs against
-the outer-cluster double (tests/doubles/outer). Every check is scoped to what the test made (its
-cluster name), since other sessions may run kipik clusters on the same engine meanwhile.
+One ``up`` serves the whole docker flow (up, ls, shell, logs, down); the pod backend's ``kipik``
+checks run on a real outer cluster in tests/e2e/test_pod_backend.py. Every check is scoped to
+what the test made (its cluster name), since other sessions may run kipik clusters on the same
+engine meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,8 @@ import pytest
 from kubernetes import client as k8s_client
 
 from pytest_kipik import kubeconfig
-from tests.conftest import OUTER_NAMESPACE
 
 pytestmark = pytest.mark.docker
-NAMESPACE = OUTER_NAMESPACE
 
 
 def kipik(
@@ -202,108 +200,3 @@ def test_doctor_names_a_missing_image(cli_env: dict[str, str]) -> None:
         done.stdout
     )
     assert "docker build -t kipik-test/absent:1 image/" in done.stdout
-
-
-# -- the pod backend, against the outer-cluster double -------------------------------------------
-
-
-@pytest.fixture
-def pod_env(cli_env: dict[str, str], outer: Any) -> Iterator[dict[str, str]]:
-    """``kipik`` settings for the pod backend on the double; a clean policy before and after."""
-    outer.allow_all()
-    yield {
-        **cli_env,
-        "KIPIK_BACKEND": "pod",
-        "KIPIK_OUTER_KUBECONFIG": str(outer.kubeconfig_path),
-        "KIPIK_NAMESPACE": NAMESPACE,
-    }
-    outer.allow_all()
-
-
-def _outer_pods(outer: Any) -> list[str]:
-    core: Any = k8s_client.CoreV1Api(outer.admin_client())
-    return [str(p.metadata.name) for p in core.list_namespaced_pod(NAMESPACE).items]
-
-
-def test_doctor_on_the_pod_backend_names_a_denied_permission(
-    pod_env: dict[str, str], outer: Any
-) -> None:
-    outer.deny("create", "pods/exec")
-    denied = kipik(pod_env, "doctor", timeout=60)
-    assert denied.returncode == 1, denied.stdout
-    lines = denied.stdout.splitlines()
-    assert "fail  rbac: missing in namespace kipik-test: create pods/exec" in lines
-    assert (
-        "      fix: grant the Role in examples/rbac.yaml (kubectl apply -n kipik-test -f "
-        "examples/rbac.yaml)"
-    ) in lines
-    assert _doctor_lines(denied.stdout)["outer API"] == "ok"
-    # the DinD pod it starts cannot be reached either, and says why
-    privileged = next(line for line in lines if line.startswith("fail  privileged: "))
-    assert "a privileged DinD pod from kipik-test/dind:dev did not come up" in privileged
-    assert "create pods/exec" in privileged
-    assert _outer_pods(outer) == []  # the doctor's pod is gone
-
-    outer.allow_all()
-    allowed = kipik(pod_env, "doctor", timeout=120)
-    assert allowed.returncode == 0, allowed.stdout
-    checks = _doctor_lines(allowed.stdout)
-    # the probe ran in the DinD pod: it reports this kernel's limits (the double's pods are
-    # containers here), and whether the node has modules
-    watches = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
-    instances = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
-    low = watches < 524288 or instances < 512
-    assert checks.pop("inotify") == ("warn" if low else "ok"), allowed.stdout
-    assert checks.pop("/lib/modules") in ("ok", "warn")
-    assert checks == {
-        "backend": "ok", "image": "ok", "outer API": "ok", "rbac": "ok", "privileged": "ok",
-        "cgroup": "ok", "disk": "ok", "subnets": "ok",
-    }  # fmt: skip
-    assert "ok    rbac: all 12 permissions in namespace kipik-test" in allowed.stdout
-    assert (
-        "ok    privileged: a privileged DinD pod from kipik-test/dind:dev ran and its Docker "
-        "answered"
-    ) in allowed.stdout
-    assert _outer_pods(outer) == []
-
-
-def test_pod_backend_up_shell_through_a_port_forward_logs_down(
-    pod_env: dict[str, str], outer: Any, tmp_path: Path
-) -> None:
-    name = f"clipod-{uuid.uuid4().hex[:6]}"
-    core: Any = k8s_client.CoreV1Api(outer.admin_client())
-    try:
-        up = kipik(pod_env, "up", "--name", name)
-        assert up.returncode == 0, up.stderr
-        assert "use `kipik shell" in up.stderr  # its port-forward ended with `up`
-        rows = [r for r in _ls(pod_env) if r["name"] == name]
-        assert [(r["backend"], r["status"], r["kind"]) for r in rows] == [
-            ("pod", "running", "kept")
-        ]
-
-        # the shell's kubeconfig is a temporary one through a port-forward held meanwhile
-        script = (
-            'case "$KUBECONFIG" in */kipik-shell-*/kubeconfig) ;; *) exit 3;; esac; '
-            'grep -q "server: https://127.0.0.1:" "$KUBECONFIG" && '
-            'kubectl --kubeconfig "$KUBECONFIG" get nodes --no-headers -o name; '
-            'echo "kubeconfig=$KUBECONFIG"'
-        )
-        shell = kipik(pod_env, "shell", name, "--", "sh", "-c", script)
-        assert shell.returncode == 0, shell.stderr + shell.stdout
-        assert f"node/{name}-control-plane" in shell.stdout
-        temporary = Path(shell.stdout.split("kubeconfig=")[1].strip())
-        assert not temporary.exists()  # removed after the shell
-
-        logs = kipik(pod_env, "logs", name, str(tmp_path / "logs"))
-        assert logs.returncode == 0, logs.stderr
-        exported = tmp_path / "logs" / name
-        for file in ("kind-version.txt", "dind-daemon.log", f"{name}-control-plane/serial.log"):
-            assert (exported / file).stat().st_size > 0, file
-
-        down = kipik(pod_env, "down", name, timeout=120)
-        assert down.returncode == 0, down.stderr
-        assert f"removed pod {name}-dind" in down.stdout
-        pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"kipik.io/cluster={name}")
-        assert pods.items == []
-    finally:
-        kipik(pod_env, "down", name, timeout=120)
