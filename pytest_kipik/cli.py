@@ -234,12 +234,35 @@ def kubeconfig_of(name: str) -> Path:
 
 
 def find_clusters(backend: Backend) -> dict[str, FoundCluster]:
-    """The clusters on the backend, by name (resources without a cluster label by their own)."""
+    """The clusters on the backend, by name (resources without a cluster label by their own).
+
+    A warm host's label names the first cluster made in it; each run makes a fresh one, so a
+    running warm host is named by the kind cluster it holds now.
+    """
     found: dict[str, FoundCluster] = {}
     for resource in backend.list_owned():
         name = resource.labels.get(lbl.CLUSTER) or resource.name
         found.setdefault(name, FoundCluster(name)).resources.append(resource)
+    for label_name, cluster in list(found.items()):
+        if cluster.kind == "warm":
+            current = _current_warm_cluster(backend, cluster)
+            if current is not None and current != label_name:
+                del found[label_name]
+                cluster.name = current
+                found[current] = cluster
     return found
+
+
+def _current_warm_cluster(backend: Backend, cluster: FoundCluster) -> str | None:
+    """The kind cluster a running warm host holds now (None: stopped, or none in it)."""
+    host = _attached(backend, cluster)
+    if host is None:
+        return None
+    try:
+        names = KindDriver(host).clusters()
+    except KipikError:
+        return None
+    return names[0] if len(names) == 1 else None
 
 
 def find_cluster(backend: Backend, name: str) -> FoundCluster:

@@ -182,7 +182,7 @@ def judge_cgroup(version: str | None, nesting: bool | None, detail: str = "") ->
 
 
 def judge_modules(present: bool | None, kernel: str, entries: int, has_kernel: bool) -> Result:
-    """``/lib/modules`` on the engine host: the DinD mounts it when there is one for kind's nodes."""
+    """``/lib/modules`` on the engine host: the DinD mounts it, if there is one, for kind."""
     check = "/lib/modules"
     if present is None:
         return Result(WARN, check, "not checked (no probe container ran)", "see the checks above")

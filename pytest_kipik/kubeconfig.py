@@ -74,11 +74,17 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
+#: Connections a cluster's client keeps open at most (port-forwards use one per connection).
+POOL_SIZE = 64
+
+
 def api_client(kubeconfig_path: Path) -> k8s_client.ApiClient:
     """A client for this kubeconfig only (the global default configuration is not touched).
 
     The client needs its certificates as files: they go beside the kubeconfig, in its private
-    directory, so they are removed with it.
+    directory, so they are removed with it. Its connection pool holds :data:`POOL_SIZE`
+    connections: a port-forward opens a stream per connection at once (the client's default,
+    five per CPU, made urllib3 discard connections with a warning under 20 at once).
     """
     configuration = k8s_client.Configuration()
     k8s_config.load_kube_config(
@@ -87,4 +93,5 @@ def api_client(kubeconfig_path: Path) -> k8s_client.ApiClient:
         persist_config=False,
         temp_file_path=str(kubeconfig_path.parent),
     )
+    configuration.connection_pool_maxsize = max(POOL_SIZE, configuration.connection_pool_maxsize)
     return k8s_client.ApiClient(configuration=configuration)

@@ -126,13 +126,23 @@ def condition_holds(obj: Mapping[str, Any], condition: str) -> bool:
     return False
 
 
-def _state(obj: Mapping[str, Any] | None) -> str:
+def _state(obj: Mapping[str, Any] | None, *, whole: bool = False) -> str:
+    """The object as a timeout shows it: its generation and status, or (``whole``) all of it.
+
+    A function condition may judge any field, so it is shown the whole object (without the
+    managedFields bookkeeping); a condition type lives in the status.
+    """
     if obj is None:
         return "not found"
-    shown = {"metadata": {"generation": (obj.get("metadata") or {}).get("generation")}}
-    shown["status"] = obj.get("status") or {}
+    if whole:
+        metadata = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+        shown = {**obj, "metadata": metadata}
+    else:
+        shown = {"metadata": {"generation": (obj.get("metadata") or {}).get("generation")}}
+        shown["status"] = obj.get("status") or {}
     text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False).strip()
-    return text if len(text) <= 2000 else text[:2000] + "\n..."
+    limit = 4000 if whole else 2000
+    return text if len(text) <= limit else text[:limit] + "\n..."
 
 
 class Manifests:
@@ -391,7 +401,7 @@ class Manifests:
         def check() -> dict[str, Any]:
             obj = self._get(resource, name, ns)
             if obj is None or not holds(obj):
-                raise NotYet(_state(obj))
+                raise NotYet(_state(obj, whole=callable(condition)))
             return obj
 
         return wait_until(

@@ -10,6 +10,8 @@ import io
 import os
 import re
 import secrets
+import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ import pytest
 
 from pytest_kipik import NestedCluster
 from pytest_kipik.hosts.docker import owned_resources
+from pytest_kipik.waiting import NotYet, wait_until
 
 #: The real-kind tier's images: a DinD image with a real kind, and a real kind node image.
 #: ``bash tests/run.sh`` sets both when ``../shared/realkind`` is beside the checkout.
@@ -189,3 +192,38 @@ def _docker_marker(request: pytest.FixtureRequest) -> None:
     """Every ``docker`` test needs the engine and checks that it leaks nothing."""
     if request.node.get_closest_marker("docker"):
         request.getfixturevalue("leftovers")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local registry (Debian's docker-registry) on 127.0.0.1; yields its address."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        _unavailable("docker-registry is not installed (apt-get install docker-registry)")
+    assert binary is not None
+    data = tmp_path_factory.mktemp("registry")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = data / "registry.yml"
+    config.write_text(
+        "version: 0.1\nlog: {level: error}\n"
+        f"storage: {{filesystem: {{rootdirectory: {data / 'data'}}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n"
+    )
+    proc = subprocess.Popen([binary, "serve", str(config)], stderr=subprocess.DEVNULL)
+
+    def answers() -> None:
+        if proc.poll() is not None:
+            raise AssertionError(f"docker-registry exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError as exc:
+            raise NotYet(str(exc)) from None
+
+    try:
+        wait_until(answers, what="the registry", timeout=30, hint="see docker-registry")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

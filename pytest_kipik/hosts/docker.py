@@ -29,8 +29,8 @@ from pytest_kipik import labels as lbl
 from pytest_kipik.errors import (
     DockerUnavailableError,
     HostError,
-    KipikError,
     ImageError,
+    KipikError,
     NameClashError,
 )
 from pytest_kipik.hosts.base import (

@@ -147,7 +147,8 @@ def dind_recipe(kind_bin: Path) -> ImageRecipe:
     dockerfile = f"""\
 FROM {{rootfs}}
 COPY kind kubectl /usr/local/bin/
-RUN chmod 0755 /usr/local/bin/kind /usr/local/bin/kubectl && kind version && kubectl version --client
+RUN chmod 0755 /usr/local/bin/kind /usr/local/bin/kubectl \\
+    && kind version && kubectl version --client
 LABEL org.opencontainers.image.title="kipik-test-dind" \\
       org.opencontainers.image.description="pytest-kipik DinD image with a real kind (test build)"
 {common_dind_block(IMAGE_DIR / "Dockerfile")}

@@ -8,22 +8,23 @@ engine meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
-import stat
+import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import pytest
-from kubernetes import client as k8s_client
 
-from pytest_kipik import kubeconfig
+from pytest_kipik import labels
+from tests.conftest import Leftovers
 
 pytestmark = pytest.mark.docker
 
@@ -73,77 +74,6 @@ def _ls(env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
 
 def _time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%SZ")
-
-
-def test_up_ls_shell_logs_down(
-    cli_env: dict[str, str], tmp_path: Path, docker_client: docker.DockerClient
-) -> None:
-    name = f"cli-{uuid.uuid4().hex[:6]}"
-    try:
-        up = kipik(cli_env, "up", "--name", name)
-        assert up.returncode == 0, up.stderr
-        path = tmp_path / "state" / "pytest-kipik" / "clusters" / name / "kubeconfig"
-        assert up.stdout == f"export KUBECONFIG={path}\n"  # exactly what a user pastes
-        assert f"remove it: kipik down {name}" in up.stderr
-        assert f"kipik {name}: kind create (" in up.stderr  # progress goes to stderr
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-
-        again = kipik(cli_env, "up", "--name", name, timeout=60)
-        assert again.returncode == 1
-        assert f"a container named {name}-dind already exists" in again.stderr
-        assert again.stdout == ""
-        assert path.is_file()  # the clash removed nothing of the first cluster
-
-        rows = [r for r in _ls(cli_env) if r["name"] == name]
-        assert len(rows) == 1, rows
-        row = rows[0]
-        assert (row["backend"], row["status"], row["kind"], row["host"]) == (
-            "docker", "running", "kept", f"{name}-dind",
-        )  # fmt: skip
-        assert row["kubeconfig"] == str(path)
-        assert _time(row["expires"]) - _time(row["created"]) == dt.timedelta(hours=4)
-        table = kipik(cli_env, "ls", timeout=60)
-        assert table.stdout.splitlines()[0].split() == [
-            "NAME", "BACKEND", "STATUS", "KIND", "CREATED", "EXPIRES", "KUBECONFIG",
-        ]  # fmt: skip
-        assert any(line.split()[:4] == [name, "docker", "running", "kept"]
-                   for line in table.stdout.splitlines())  # fmt: skip
-
-        script = 'echo "$KUBECONFIG $KIPIK_CLUSTER"; exit 7'
-        shell = kipik(cli_env, "shell", name, "--", "sh", "-c", script)
-        assert (shell.returncode, shell.stdout) == (7, f"{path} {name}\n")
-        api = kubeconfig.api_client(path)
-        try:
-            nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
-        finally:
-            api.close()
-        assert [n.metadata.name for n in nodes] == [f"{name}-control-plane"]
-
-        logs = kipik(cli_env, "logs", name, str(tmp_path / "logs"))
-        assert logs.returncode == 0, logs.stderr
-        exported = tmp_path / "logs" / name
-        assert logs.stdout == f"{exported}\n"
-        node = f"{name}-control-plane"
-        for file in ("kind-version.txt", "docker-info.txt", "dind-daemon.log",
-                     f"{node}/serial.log", f"{node}/inspect.json"):  # fmt: skip
-            assert (exported / file).stat().st_size > 0, file
-        assert "API listen on" in (exported / "dind-daemon.log").read_text()
-        inside = docker_client.containers.get(f"{name}-dind").exec_run(["ls", "/kipik"])
-        assert b"logs-" not in inside.output  # the temporary tree inside the host is gone
-
-        unknown = kipik(cli_env, "down", f"{name}-nope", timeout=60)
-        assert unknown.returncode == 1
-        assert f"no kipik cluster named '{name}-nope' on the docker backend" in unknown.stderr
-        assert _labelled(docker_client, name) != []  # an unknown name removed nothing
-
-        down = kipik(cli_env, "down", name, timeout=120)
-        assert down.returncode == 0, down.stderr
-        assert f"removed container {name}-dind" in down.stdout
-        assert [r for r in _ls(cli_env) if r["name"] == name] == []
-        assert _labelled(docker_client, name) == []
-        assert not path.parent.exists()
-    finally:
-        kipik(cli_env, "down", name, timeout=120)
 
 
 def _doctor_lines(out: str) -> dict[str, str]:
@@ -200,3 +130,88 @@ def test_doctor_names_a_missing_image(cli_env: dict[str, str]) -> None:
         done.stdout
     )
     assert "docker build -t kipik-test/absent:1 image/" in done.stdout
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_gc_lists_and_removes_exactly_the_expired_and_orphaned(
+    pytester: pytest.Pytester,
+    test_images: tuple[str, str],
+    docker_client: docker.DockerClient,
+    leftovers: Leftovers,
+) -> None:
+    me = labels.label_value(socket.gethostname())
+    past = labels.timestamp(dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1))
+    future = labels.timestamp(dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    tag = labels.new_run_id()
+
+    def plant(suffix: str, extra: dict[str, str] | None, volume: bool = False) -> str:
+        name = f"gc-{tag}-{suffix}"
+        found = None if extra is None else {
+            labels.RUN_ID: f"gc{tag}", labels.OWNER_HOST: me,
+            labels.OWNER_PID: str(os.getpid()), labels.EXPIRES_AT: future, **extra,
+        }  # fmt: skip
+        if volume:
+            docker_client.volumes.create(name, labels=found or {})
+        else:
+            docker_client.containers.create(test_images[0], name=name, labels=found or {})
+        return name
+
+    dead = str(_dead_pid())
+    expired = plant("expired", {labels.OWNER_HOST: "elsewhere", labels.EXPIRES_AT: past})
+    orphan = plant("orphan", {labels.OWNER_PID: dead})
+    orphan_volume = plant("orphan-volume", {labels.OWNER_PID: dead}, volume=True)
+    live = plant("live", {labels.EXPIRES_AT: past})  # our own pid: a live session
+    kept = plant("kept", {labels.OWNER_PID: dead, labels.KEEP: "true"})
+    foreign = plant("foreign", None)
+    planted = [expired, orphan, orphan_volume, live, kept, foreign]
+    try:
+        kipik = [sys.executable, "-m", "pytest_kipik", "gc"]
+        dry = subprocess.run(
+            [*kipik, "--dry-run"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert dry.returncode == 0, dry.stderr
+        listed = sorted(line for line in dry.stdout.splitlines() if f"gc-{tag}-" in line)
+        assert listed == sorted([
+            f"would remove container {expired} (expired at {past})",
+            f"would remove container {orphan} (its owner pid {dead} on {me} is gone)",
+            f"would remove volume {orphan_volume} (its owner pid {dead} on {me} is gone)",
+        ])  # fmt: skip
+        for name in planted:  # nothing removed yet
+            assert _exists(docker_client, name), name
+        done = subprocess.run(kipik, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert sorted(x for x in done.stdout.splitlines() if f"gc-{tag}-" in x) == [
+            line.replace("would remove", "removed") for line in listed
+        ]
+        assert [n for n in planted if _exists(docker_client, n)] == [live, kept, foreign]
+        # the pytest run mode does the same and runs no tests
+        pytester.makepyfile("def test_never():\n    raise AssertionError\n")
+        result = pytester.runpytest_subprocess("--kipik-gc")
+        assert result.ret == 0
+        result.stdout.fnmatch_lines(["kipik gc: *"])
+        assert "test_never" not in result.stdout.str()
+    finally:
+        for name in planted:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.containers.get(name).remove(force=True, v=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.volumes.get(name).remove(force=True)
+    assert leftovers() == []
+
+
+def _exists(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.containers.get(name)
+        return True
+    except docker.errors.NotFound:
+        pass
+    try:
+        client.volumes.get(name)
+        return True
+    except docker.errors.NotFound:
+        return False

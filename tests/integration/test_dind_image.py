@@ -1,6 +1,7 @@
 """The test DinD image against the real Docker engine: a real nested daemon, real image streaming.
 
-Needs the images from ``python3 tests/images/build.py``. ``kipik-test/dind:dev`` starts exactly like
+Needs the DinD test image and the real kind node image (``bash tests/run.sh`` builds both; see
+tests/conftest.py). ``kipik-test/dind:dev`` starts exactly like
 the default image (same entrypoint, runc wrapper, volume, healthcheck), so what holds here holds for
 the image users get. Times are recorded as test properties (``--junitxml``) and printed (``-s``).
 """
@@ -20,10 +21,10 @@ import docker.types
 import pytest
 from docker.models.containers import Container
 
+from tests.conftest import DIND_IMAGE, NODE_IMAGE
+
 pytestmark = pytest.mark.docker
 
-DIND_IMAGE = "kipik-test/dind:dev"
-NODE_IMAGE = "kipik-test/node:dev"
 SOCKET = "unix:///var/run/docker.sock"
 READY_MARKER = "/run/kipik-dind-ready"
 CAPFIX_RUNTIME = "kipik-runc-capfix"

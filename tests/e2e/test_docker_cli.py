@@ -1,0 +1,94 @@
+"""``kipik up``, ``ls``, ``shell``, ``logs`` and ``down`` on real kind (docker backend).
+
+One ``up`` serves the whole flow; the real entry point runs in a subprocess. Every check is scoped
+to the cluster this test made, since other sessions may run kipik clusters on the same engine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from kubernetes import client as k8s_client
+
+from pytest_kipik import kubeconfig
+from tests.integration.test_cli import _labelled, _ls, _time, cli_env, kipik
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+__all__ = ["cli_env"]  # the fixture, used by name
+
+
+def test_up_ls_shell_logs_down(
+    cli_env: dict[str, str], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    try:
+        up = kipik(cli_env, "up", "--name", name)
+        assert up.returncode == 0, up.stderr
+        path = tmp_path / "state" / "pytest-kipik" / "clusters" / name / "kubeconfig"
+        assert up.stdout == f"export KUBECONFIG={path}\n"  # exactly what a user pastes
+        assert f"remove it: kipik down {name}" in up.stderr
+        assert f"kipik {name}: kind create (" in up.stderr  # progress goes to stderr
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+        again = kipik(cli_env, "up", "--name", name, timeout=60)
+        assert again.returncode == 1
+        assert f"a container named {name}-dind already exists" in again.stderr
+        assert again.stdout == ""
+        assert path.is_file()  # the clash removed nothing of the first cluster
+
+        rows = [r for r in _ls(cli_env) if r["name"] == name]
+        assert len(rows) == 1, rows
+        row = rows[0]
+        assert (row["backend"], row["status"], row["kind"], row["host"]) == (
+            "docker", "running", "kept", f"{name}-dind",
+        )  # fmt: skip
+        assert row["kubeconfig"] == str(path)
+        assert _time(row["expires"]) - _time(row["created"]) == dt.timedelta(hours=4)
+        table = kipik(cli_env, "ls", timeout=60)
+        assert table.stdout.splitlines()[0].split() == [
+            "NAME", "BACKEND", "STATUS", "KIND", "CREATED", "EXPIRES", "KUBECONFIG",
+        ]  # fmt: skip
+        assert any(line.split()[:4] == [name, "docker", "running", "kept"]
+                   for line in table.stdout.splitlines())  # fmt: skip
+
+        script = 'echo "$KUBECONFIG $KIPIK_CLUSTER"; exit 7'
+        shell = kipik(cli_env, "shell", name, "--", "sh", "-c", script)
+        assert (shell.returncode, shell.stdout) == (7, f"{path} {name}\n")
+        api = kubeconfig.api_client(path)
+        try:
+            nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
+        finally:
+            api.close()
+        assert [n.metadata.name for n in nodes] == [f"{name}-control-plane"]
+
+        logs = kipik(cli_env, "logs", name, str(tmp_path / "logs"))
+        assert logs.returncode == 0, logs.stderr
+        exported = tmp_path / "logs" / name
+        assert logs.stdout == f"{exported}\n"
+        node = f"{name}-control-plane"
+        for file in ("kind-version.txt", "docker-info.txt", "dind-daemon.log",
+                     f"{node}/serial.log", f"{node}/inspect.json"):  # fmt: skip
+            assert (exported / file).stat().st_size > 0, file
+        assert "API listen on" in (exported / "dind-daemon.log").read_text()
+        inside = docker_client.containers.get(f"{name}-dind").exec_run(["ls", "/kipik"])
+        assert b"logs-" not in inside.output  # the temporary tree inside the host is gone
+
+        unknown = kipik(cli_env, "down", f"{name}-nope", timeout=60)
+        assert unknown.returncode == 1
+        assert f"no kipik cluster named '{name}-nope' on the docker backend" in unknown.stderr
+        assert _labelled(docker_client, name) != []  # an unknown name removed nothing
+
+        down = kipik(cli_env, "down", name, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert f"removed container {name}-dind" in down.stdout
+        assert [r for r in _ls(cli_env) if r["name"] == name] == []
+        assert _labelled(docker_client, name) == []
+        assert not path.parent.exists()
+    finally:
+        kipik(cli_env, "down", name, timeout=120)
