@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -207,11 +208,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         port = probe.getsockname()[1]
     config = data / "registry.yml"
     config.write_text(
-        "version: 0.1\nlog: {level: error}\n"
+        "version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\n"
         f"storage: {{filesystem: {{rootdirectory: {data / 'data'}}}}}\n"
         f"http: {{addr: 127.0.0.1:{port}}}\n"
     )
-    proc = subprocess.Popen([binary, "serve", str(config)], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
     def answers() -> None:
         if proc.poll() is not None:
@@ -227,3 +230,27 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+#: Wall time of each test tier in this run (setup, call and teardown of its tests).
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def _tier(nodeid: str) -> str:
+    parts = nodeid.split("/")
+    if len(parts) > 2 and parts[1] == "e2e":
+        return "e2e pod" if "test_pod" in parts[2] else "e2e docker"
+    return parts[1] if len(parts) > 2 else parts[0]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each phase's duration to its tier."""
+    tier = _tier(report.nodeid)
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line with the time each tier took (for CI logs and the closing note)."""
+    if _TIER_SECONDS:
+        shown = ", ".join(f"{tier} {seconds:.0f}s" for tier, seconds in _TIER_SECONDS.items())
+        terminalreporter.write_line(f"time per tier: {shown}")

@@ -1,1 +1,1 @@
-"""TEST DOUBLES of kind and of the kind node image, and their tests."""
+"""Test doubles: only small fault injectors remain (see README.md), where they are used."""

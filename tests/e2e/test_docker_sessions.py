@@ -437,7 +437,11 @@ def _run_id(lines: Iterator[str], seen: list[str], marker: str, timeout: float) 
     pytest.fail("pytest ended before " + marker + ":\n" + "".join(seen))
 
 
-def _pytest(pytester: pytest.Pytester, test_images: tuple[str, str]) -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def _pytest(
+    pytester: pytest.Pytester, test_images: tuple[str, str]
+) -> Iterator[subprocess.Popen[str]]:
+    """A pytest session whose one test holds its cluster; killed and reaped if still running."""
     pytester.makepyfile(
         """
         import time
@@ -447,13 +451,21 @@ def _pytest(pytester: pytest.Pytester, test_images: tuple[str, str]) -> subproce
             time.sleep(600)  # stopped before this ends
         """
     )
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *_images_args(test_images), "-s"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    try:
+        yield proc
+    finally:  # a failed assertion must not leave the session (and its cluster) running
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_sigkill_during_kind_create_leaves_nothing_within_a_minute(
@@ -462,14 +474,12 @@ def test_sigkill_during_kind_create_leaves_nothing_within_a_minute(
     docker_client: docker.DockerClient,
     leftovers: Leftovers,
 ) -> None:
-    proc = _pytest(pytester, test_images)
-    assert proc.stdout is not None
-    seen: list[str] = []
-    # the node image is in: kind create runs inside the DinD now
-    run_id = _run_id(iter(proc.stdout), seen, " in (", timeout=600)
-    proc.kill()
-    proc.wait(timeout=30)
-    proc.stdout.close()
+    with _pytest(pytester, test_images) as proc:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        # the node image is in: kind create runs inside the DinD now
+        run_id = _run_id(iter(proc.stdout), seen, " in (", timeout=600)
+        proc.kill()
     killed = time.monotonic()
 
     def gone() -> None:
@@ -485,12 +495,12 @@ def test_sigkill_during_kind_create_leaves_nothing_within_a_minute(
 def test_ctrl_c_during_kind_create_tears_down_and_leaves_nothing(
     pytester: pytest.Pytester, test_images: tuple[str, str], leftovers: Leftovers
 ) -> None:
-    proc = _pytest(pytester, test_images)
-    assert proc.stdout is not None
-    seen: list[str] = []
-    _run_id(iter(proc.stdout), seen, " in (", timeout=600)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=300)
+    with _pytest(pytester, test_images) as proc:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        _run_id(iter(proc.stdout), seen, " in (", timeout=600)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
     out = "".join(seen) + rest
     assert "KeyboardInterrupt" in out
     assert re.search(r"teardown after a failed start \(\d+\.\d+s\)", out), out
