@@ -21,6 +21,7 @@ import shlex
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -266,14 +267,19 @@ class OuterCluster:
             f"--timeout={int(timeout)}s", timeout=timeout + 30,
         )  # fmt: skip
 
+        url = f"http://127.0.0.1:{self.registry_host_port}/v2/"
+
         def answers() -> None:
             try:
-                with socket.create_connection(("127.0.0.1", self.registry_host_port), timeout=5):
-                    pass
-            except OSError as exc:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    answer.read()
+            except OSError as exc:  # the port is published before kube-proxy serves it
                 raise NotYet(str(exc)) from None
 
-        wait_until(answers, what="the registry's published port", timeout=60, hint="-")
+        wait_until(
+            answers, what=f"the registry at {url}", timeout=120, interval=1,
+            hint=f"kubectl --kubeconfig {self.admin_kubeconfig} -n {REGISTRY_NAMESPACE} get all",
+        )  # fmt: skip
 
     def push(self, image: str, timeout: float = 900) -> str:
         """Push a local image into the in-cluster registry; its name as pods pull it."""
