@@ -4,7 +4,7 @@ Each mode first makes what it keeps (a warm host, a cluster kept for reuse) in a
 session, then measures a second session, as the next pytest run would see it. Per-user state
 goes to a private temporary directory; everything made is removed at the end.
 
-    python3 benchmarks/lifecycle.py --image kipik-test/dind:dev --node-image kipik-test/node:dev
+    python3 benchmarks/lifecycle.py --image kipik-test/dind:dev --node-image kipik.local/kind-node:v1.22.3
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def kind_create(lines: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default="kipik-test/dind:dev")
-    parser.add_argument("--node-image", default="kipik-test/node:dev")
+    parser.add_argument("--node-image", default="kipik.local/kind-node:v1.22.3")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kipik-bench-") as home:
