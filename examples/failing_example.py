@@ -23,7 +23,8 @@ def restarted(pod: dict[str, Any]) -> bool:
 
 def test_a_pod_that_never_starts(nested_namespace: NestedNamespace) -> None:
     nested_namespace.cluster.load_image(APP_IMAGE)
-    lost = {"name": "app", "image": "example.invalid/never-pushed:1"}
+    # a registry that is never there: the node's own loopback (nothing leaves the machine)
+    lost = {"name": "app", "image": "127.0.0.1:9/never-pushed:1"}
     crash = {"name": "app", "image": APP_IMAGE, "command": ["sh", "-c", "echo boom; exit 3"]}
     nested_namespace.apply(
         [

@@ -265,7 +265,9 @@ def test_a_crd_and_its_custom_resources_in_one_apply(
 def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
     broken = yaml.safe_load(WEB.split("---", maxsplit=1)[0])
     broken["metadata"]["name"] = "never"
-    broken["spec"]["template"]["spec"]["containers"][0]["image"] = "kipik-test/not-loaded:1"
+    broken["spec"]["template"]["spec"]["containers"][0]["image"] = (
+        "127.0.0.1:9/kipik-test/not-loaded:1"
+    )
     cluster.apply(broken, namespace="default")
     with pytest.raises(ReadinessTimeout) as caught:
         cluster.wait_for("Deployment", "never", condition="Available", timeout=3)
@@ -273,7 +275,9 @@ def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
     assert "waiting for Deployment default/never to be Available" in text
     assert "last state seen:" in text
     assert "status:" in text
-    assert "kipik-test/not-loaded:1" not in text  # a condition type is judged on the status
+    assert (
+        "127.0.0.1:9/kipik-test/not-loaded:1" not in text
+    )  # a condition type is judged on the status
 
     def three_replicas(obj: dict[str, Any]) -> bool:
         return bool(obj["spec"]["replicas"] == 3)
@@ -284,7 +288,7 @@ def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
     assert "waiting for Deployment default/never to satisfy three_replicas" in text
     # a function may judge any field: the timeout shows the whole object it judged
     assert "replicas: 1" in text
-    assert "image: kipik-test/not-loaded:1" in text
+    assert "image: 127.0.0.1:9/kipik-test/not-loaded:1" in text
     assert "managedFields" not in text
     cluster.delete(broken, namespace="default")
 
