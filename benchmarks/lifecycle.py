@@ -4,7 +4,8 @@ Each mode first makes what it keeps (a warm host, a cluster kept for reuse) in a
 session, then measures a second session, as the next pytest run would see it. Per-user state
 goes to a private temporary directory; everything made is removed at the end.
 
-    python3 benchmarks/lifecycle.py --image kipik-test/dind:dev --node-image kipik.local/kind-node:v1.22.3
+    python3 benchmarks/lifecycle.py --image kipik-test/dind:dev \
+        --node-image kipik.local/kind-node:v1.22.3
 """
 
 from __future__ import annotations

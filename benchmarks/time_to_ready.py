@@ -4,7 +4,8 @@ Each round runs the steps by hand with the docker CLI (and kubectl for readiness
 ClusterFactory, one after the other on the same machine, so the ratio is taken under the same
 conditions. Prints per-phase times (median over the rounds) and kipik_total / by_hand_total.
 
-    python3 benchmarks/time_to_ready.py --image kipik-test/dind:dev --node-image kipik.local/kind-node:v1.22.3
+    python3 benchmarks/time_to_ready.py --image kipik-test/dind:dev \
+        --node-image kipik.local/kind-node:v1.22.3
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def bench_arguments(doc: str | None) -> argparse.ArgumentParser:
     """The options every benchmark takes: the DinD image, the node image, the rounds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--image", default="kipik-test/dind:dev", help="the DinD image")
-    parser.add_argument("--node-image", default="kipik.local/kind-node:v1.22.3", help="the node image")
+    parser.add_argument(
+        "--node-image", default="kipik.local/kind-node:v1.22.3", help="the node image"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     return parser
 

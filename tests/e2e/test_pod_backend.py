@@ -136,7 +136,8 @@ def test_example_suite_from_outside_through_port_forward(
     template = small_pod_template(tmp_path / "template.json")
     result = pytester.runpytest_subprocess(
         *pod_args(tenant, f"--kipik-image={dind}", f"--kipik-node-image={node}",
-                  f"--kipik-pod-template={template}", f"--kipik-timeout={NESTED_TIMEOUT}"),
+                  f"--kipik-pod-template={template}", f"--kipik-timeout={NESTED_TIMEOUT}",
+                  "--log-cli-level=INFO"),
         timeout=1500,
     )  # fmt: skip
     out = result.stdout.str()
@@ -436,7 +437,7 @@ def runner_pod(
 
 def pytest_in_runner(*extra: str) -> list[str]:
     return ["python3", "-m", "pytest", outer_mod.RUNNER_SUITE, "-p", "no:cacheprovider",
-            "-rs", "--rootdir=/work", *extra]  # fmt: skip
+            "-rs", "--rootdir=/work", "--log-cli-level=INFO", *extra]  # fmt: skip
 
 
 def run_to_the_end(
