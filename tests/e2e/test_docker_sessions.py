@@ -295,7 +295,7 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
         assert re.search(rf"\[gw\d\] kipik {name}: attached \(\d+\.\d+s\)", out), out
         # three more sessions make pytest prune the oldest basetemp; the kept cluster's
         # kubeconfig lives elsewhere and still works
-        pytester.makepyfile(test_plain="def test_nothing():\n    pass\n")
+        pytester.makepyfile(test_plain="def test_nothing(tmp_path):\n    pass\n")
         for _ in range(3):
             again = subprocess.run(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_plain.py"],
