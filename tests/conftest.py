@@ -254,3 +254,47 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _TIER_SECONDS:
         shown = ", ".join(f"{tier} {seconds:.0f}s" for tier, seconds in _TIER_SECONDS.items())
         terminalreporter.write_line(f"time per tier: {shown}")
+
+
+#: What kipik (and kind, for the tests' outer clusters) had on the engine when the run started.
+_ENGINE_BEFORE: set[str] | None = None
+_KIND_CLUSTER = "io.x-k8s.kind.cluster"
+
+
+def _engine_resources() -> set[str] | None:
+    """The engine's kipik containers and volumes and kind node containers (None: no engine)."""
+    try:
+        client = docker.from_env(timeout=30)
+        try:
+            kind_nodes = client.api.containers(all=True, filters={"label": _KIND_CLUSTER})
+            found = {str(r) for r in owned_resources(client)} | {
+                f"kind node {str(c['Names'][0]).lstrip('/')}" for c in kind_nodes
+            }
+        finally:
+            client.close()
+    except docker.errors.DockerException:
+        return None
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Note what is on the engine before any test ran (only where tests use the engine)."""
+    global _ENGINE_BEFORE  # noqa: PLW0603 (one run, one process)
+    if not hasattr(session.config, "workerinput"):
+        _ENGINE_BEFORE = _engine_resources()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run fails if it left anything on the engine: kipik's resources or an outer cluster."""
+    if _ENGINE_BEFORE is None or hasattr(session.config, "workerinput"):
+        return
+    after = _engine_resources()
+    left = sorted((after or set()) - _ENGINE_BEFORE)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        shown = ", ".join(left) if left else "nothing labelled kipik.io/, no kind node"
+        if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):
+            reporter.write("\n")  # after the progress dots
+        reporter.write_line(f"left on the Docker engine by this run: {shown}")
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
