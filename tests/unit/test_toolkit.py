@@ -13,7 +13,7 @@ import pytest
 from pytest_kipik import diagnostics, kind, labels
 from pytest_kipik.errors import ConfigError, ImageError
 from pytest_kipik.image import ArchiveImage, archive_images
-from pytest_kipik.manifests import condition_holds, describe, load, ordered
+from pytest_kipik.manifests import _state, condition_holds, describe, load, ordered
 from pytest_kipik.marker import ClusterSpec, marker_spec
 from pytest_kipik.portforward import container_port, parse_target, pick_pod
 
@@ -64,6 +64,27 @@ def test_ordered_puts_namespaces_and_crds_first_and_deletes_them_last() -> None:
     objects = [widget, DEPLOYMENT, CRD, NAMESPACE]
     assert ordered(objects) == [NAMESPACE, CRD, widget, DEPLOYMENT]
     assert ordered(objects, deleting=True) == [DEPLOYMENT, widget, CRD, NAMESPACE]
+
+
+def test_the_state_a_timeout_shows() -> None:
+    obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "generation": 2, "managedFields": [{"manager": "x"}]},
+        "spec": {"replicas": 1},
+        "status": {"replicas": 1},
+    }
+    # a condition type is judged on the status: the generation and the status
+    assert _state(obj) == "metadata:\n  generation: 2\nstatus:\n  replicas: 1"
+    # a function may judge any field: the whole object, without the managedFields bookkeeping
+    assert _state(obj, whole=True) == (
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  generation: 2\n"
+        "spec:\n  replicas: 1\nstatus:\n  replicas: 1"
+    )
+    assert _state(None) == _state(None, whole=True) == "not found"
+    big = {"metadata": {}, "data": {"k": "x" * 5000}}
+    assert _state(big, whole=True).endswith("\n...")
+    assert len(_state(big, whole=True)) == 4000 + len("\n...")
 
 
 def test_condition_holds_by_type_and_status() -> None:
