@@ -238,9 +238,13 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
 
         BARRIER = Path({str(barrier)!r})
 
-        def test_killed(nested_cluster):
+        def test_killed(request):
+            deadline = time.monotonic() + 900
+            while not (BARRIER / "creator").exists():  # the other worker made the cluster
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            nested_cluster = request.getfixturevalue("nested_cluster")  # attaches
             (BARRIER / "killer").write_text(str(os.getpid()))
-            deadline = time.monotonic() + 300
             while not (BARRIER / "survivor").exists():  # the other worker has attached
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
@@ -253,7 +257,8 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
         BARRIER = Path({str(barrier)!r})
 
         def test_survives(nested_cluster):
-            deadline = time.monotonic() + 300
+            (BARRIER / "creator").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 900
             while not (BARRIER / "killer").exists():
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
@@ -290,9 +295,14 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
         (name,) = names
         run_id = name.removeprefix("kipik-")
         assert _dind_creations(docker_client, start, run_id) == [f"{name}-dind"]
-        # progress reaches the terminal from the workers
-        assert re.search(rf"\[gw\d\] kipik {name}: DinD up \(\d+\.\d+s\)", out), out
-        assert re.search(rf"\[gw\d\] kipik {name}: attached \(\d+\.\d+s\)", out), out
+        # progress reaches the terminal from the workers: the survivor made the cluster, the
+        # killed one attached to it (a kept cluster's use/remove lines come from its maker)
+        maker = re.search(rf"\[(gw\d)\] kipik {name}: DinD up \(\d+\.\d+s\)", out)
+        attacher = re.search(rf"\[(gw\d)\] kipik {name}: attached \(\d+\.\d+s\)", out)
+        assert maker, out
+        assert attacher, out
+        assert maker[1] != attacher[1], out
+        assert f"worker '{attacher[1]}' crashed while running 'test_a.py::test_killed'" in out
         # three more sessions make pytest prune the oldest basetemp; the kept cluster's
         # kubeconfig lives elsewhere and still works
         pytester.makepyfile(test_plain="def test_nothing(tmp_path):\n    pass\n")
