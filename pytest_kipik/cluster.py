@@ -431,6 +431,7 @@ class ClusterFactory:
         self._backend = backend
         self._lock = threading.Lock()
         self._count = 0
+        self._kept = sharing.KeptNotes(self.session)
 
     # -- shared resources ------------------------------------------------------------------
 
@@ -516,6 +517,7 @@ class ClusterFactory:
         deadline = time.monotonic() + self.config.timeout
         cluster = self._provision(name, user_config, nodes, image, deadline=deadline, plan=_Plan())
         self.clusters.append(cluster)
+        self._note_kept([cluster])
         return cluster
 
     def create_connected(
@@ -548,6 +550,7 @@ class ClusterFactory:
             chosen, user_config, nodes, image, deadline=deadline, plan=_Plan()
         )
         self.clusters.extend(clusters)
+        self._note_kept(clusters)
         return clusters
 
     # -- sharing ---------------------------------------------------------------------------
@@ -587,7 +590,19 @@ class ClusterFactory:
             cluster = self._share(key, name, user_config, nodes, image)
         self._shared[key] = cluster
         self.clusters.append(cluster)
+        self._note_kept([cluster])
         return cluster
+
+    def _note_kept(self, clusters: Sequence[NestedCluster]) -> None:
+        """A worker leaves what to paste for its kept clusters, should it die first."""
+        if not self.session.owner:
+            for cluster in clusters:
+                if cluster.keep:
+                    self._kept.leave(cluster.host.name, cluster.name, cluster.how_to_reach())
+
+    def _told_kept(self, host: Host, cluster: NestedCluster | None = None) -> None:
+        if not self.session.owner:
+            self._kept.told(host.name, cluster.name if cluster else None)
 
     def _record(self, cluster: NestedCluster) -> Record:
         return Record(
@@ -829,16 +844,16 @@ class ClusterFactory:
                 status = "warm" if host is not None else status
             if host is None:
                 host = self._make_host(first, plan, ports)
+                with phase(say, first, "DinD up"):
+                    try:
+                        host.start()
+                    except BaseException:  # a half-started host is never kept
+                        self._remove_quietly(host)
+                        raise
                 if self.config.keep:
-                    undo.callback(
-                        say,
-                        f"kipik {first}: kept after a failure; remove with: "
-                        f"{host.removal_command()}",
-                    )
+                    undo.callback(self._kept_after_failure, first, host)
                 else:
                     undo.callback(self._remove_quietly, host)
-                with phase(say, first, "DinD up"):
-                    host.start()
                 if not self._leased(plan):  # the dead-man switch, right away
                     hold = host.hold()
                     if hold is not None:
@@ -996,6 +1011,11 @@ class ClusterFactory:
                 "as this worker"
             )
 
+    def _kept_after_failure(self, name: str, host: Host) -> None:
+        """Say how to remove a host kept (``--kipik-keep``) after the cluster in it failed."""
+        self.report(f"kipik {name}: kept after a failure; remove with: {host.removal_command()}")
+        self._told_kept(host)
+
     def _remove_quietly(self, host: Host) -> None:
         """Undo a half-made host without hiding the error that got us here."""
         try:
@@ -1028,6 +1048,7 @@ class ClusterFactory:
                 if cluster.keep or not cluster.owned:
                     if cluster.keep:
                         self.report(cluster.how_to_reach())
+                        self._told_kept(cluster.host, cluster)
                     cluster.close()  # another process (or nobody: kept, reused) removes it
                     self.clusters.remove(cluster)
                     continue

@@ -32,7 +32,7 @@ from pytest_kipik.hosts.docker import engine_location
 from pytest_kipik.hosts.pod import local_outer_addresses
 from pytest_kipik.marker import ClusterSpec, marker_spec
 from pytest_kipik.progress import Reporter, Tail, file_reporter
-from pytest_kipik.sharing import Session, WarmSlot
+from pytest_kipik.sharing import KeptNotes, Session, WarmSlot
 from pytest_kipik.signals import deferred_interrupts, terminate_as_interrupt
 
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
@@ -183,7 +183,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             try:
                 backend = make_backend(config.stash[CONFIG_KEY], report, config.stash[CHOICE_KEY])
                 try:
-                    problems = reaper.sweep(backend, kipik_session.run_id, report)
+                    problems = reaper.sweep(
+                        backend, kipik_session.run_id, report, KeptNotes(kipik_session).untold
+                    )
                 finally:
                     backend.close()
             except KipikError as exc:

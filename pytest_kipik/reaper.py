@@ -160,14 +160,32 @@ def reap(backend: Backend, report: Reporter, *, dry_run: bool = False) -> list[E
     return problems
 
 
-def sweep(backend: Backend, run_id: str, report: Reporter) -> list[Exception]:
+def sweep(
+    backend: Backend,
+    run_id: str,
+    report: Reporter,
+    untold: Callable[[str], list[str] | None] = lambda host: [],
+) -> list[Exception]:
     """Remove what session ``run_id`` made and did not keep (by its owner, at the end).
 
     Under xdist this is the controller: shared clusters outlive any one worker, and a crashed
-    worker's half-made cluster is found here too.
+    worker's half-made cluster is found here too. What a worker that made a kept host could
+    not say (``untold(host)``: its notes, None when it never noted the host) is said here.
     """
     problems: list[Exception] = []
-    found = [r for r in backend.list_owned(run_id) if not lbl.leased(r.labels)]
+    owned = backend.list_owned(run_id)
+    for resource in owned:
+        if resource.kind != "volume" and resource.labels.get(lbl.KEEP) == "true":
+            notes = untold(resource.name)
+            for note in notes or []:
+                report(note)
+            if notes is None and resource.labels.get(lbl.WORKER, "main") != "main":
+                removal = backend.make_host(resource.name, resource.labels, []).removal_command()
+                report(
+                    f"kipik: kept {resource.name}, left half-made when the process making it "
+                    f"ended; remove it: {removal}"
+                )
+    found = [r for r in owned if not lbl.leased(r.labels)]
     found.sort(key=lambda resource: resource.kind == "volume")
     for resource in found:
         try:

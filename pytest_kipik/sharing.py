@@ -210,3 +210,36 @@ class WarmSlot:
     def release(self) -> None:
         """Let another session take the slot."""
         self._lock.release()
+
+
+class KeptNotes:
+    """What to paste to use and remove each kept cluster an xdist worker made.
+
+    The worker leaves its note in the session directory when the cluster is ready and takes
+    it back when it has printed it at its end; ``told`` with only the host says the worker
+    spoke of a host it could not finish. The session's owner prints what is left: a worker
+    may be killed before its end.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def _host(self, host: str) -> Path:
+        return paths.private_dir(paths.private_dir(self._session.path(), "kept"), host)
+
+    def leave(self, host: str, cluster: str, text: str) -> None:
+        """Note a kept cluster in ``host`` and what to paste for it."""
+        (self._host(host) / cluster).write_text(text)
+
+    def told(self, host: str, cluster: str | None = None) -> None:
+        """``cluster`` (or, with None, only the host) has been told about by its maker."""
+        path = self._host(host)
+        if cluster is not None:
+            (path / cluster).unlink(missing_ok=True)
+
+    def untold(self, host: str) -> list[str] | None:
+        """The notes nobody printed for ``host``; None when its maker never noted it."""
+        path = self._session.directory / "kept" / host
+        if not path.is_dir():
+            return None
+        return [note.read_text() for note in sorted(path.iterdir())]

@@ -238,13 +238,9 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
 
         BARRIER = Path({str(barrier)!r})
 
-        def test_killed(request):
+        def test_killed(nested_cluster):  # makes the kept cluster, then dies
+            (BARRIER / "creator").write_text(str(os.getpid()))
             deadline = time.monotonic() + 900
-            while not (BARRIER / "creator").exists():  # the other worker made the cluster
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            nested_cluster = request.getfixturevalue("nested_cluster")  # attaches
-            (BARRIER / "killer").write_text(str(os.getpid()))
             while not (BARRIER / "survivor").exists():  # the other worker has attached
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
@@ -256,19 +252,19 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
 
         BARRIER = Path({str(barrier)!r})
 
-        def test_survives(nested_cluster):
-            (BARRIER / "creator").write_text(str(os.getpid()))
+        def test_survives(request):
             deadline = time.monotonic() + 900
-            while not (BARRIER / "killer").exists():
+            while not (BARRIER / "creator").exists():  # the other worker made the cluster
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+            nested_cluster = request.getfixturevalue("nested_cluster")  # attaches
             (BARRIER / "survivor").write_text(str(os.getpid()))
-            killer = int((BARRIER / "killer").read_text())
+            killer = int((BARRIER / "creator").read_text())
             stat = Path(f"/proc/{{killer}}/stat")
             while stat.exists() and stat.read_text().split()[2] != "Z":  # until it is dead
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            for _ in range(10):  # the cluster stays usable after the crash
+            for _ in range(10):  # the cluster stays usable after its maker's crash
                 assert nested_cluster.core_v1.list_node().items
         """,
     )
@@ -295,14 +291,17 @@ def test_xdist_workers_share_one_kept_cluster_a_killed_worker_and_basetemp_pruni
         (name,) = names
         run_id = name.removeprefix("kipik-")
         assert _dind_creations(docker_client, start, run_id) == [f"{name}-dind"]
-        # progress reaches the terminal from the workers: the survivor made the cluster, the
-        # killed one attached to it (a kept cluster's use/remove lines come from its maker)
+        # progress reaches the terminal from the workers: the killed worker made the cluster,
+        # the survivor attached to it; the session's owner says how to use and remove the kept
+        # cluster, which its maker could not
         maker = re.search(rf"\[(gw\d)\] kipik {name}: DinD up \(\d+\.\d+s\)", out)
         attacher = re.search(rf"\[(gw\d)\] kipik {name}: attached \(\d+\.\d+s\)", out)
         assert maker, out
         assert attacher, out
         assert maker[1] != attacher[1], out
-        assert f"worker '{attacher[1]}' crashed while running 'test_a.py::test_killed'" in out
+        assert f"worker '{maker[1]}' crashed while running 'test_a.py::test_killed'" in out
+        assert out.count(f"kipik: kept cluster {name}\n") == 1, out
+        assert out.count("remove it: ") == 1, out
         # three more sessions make pytest prune the oldest basetemp; the kept cluster's
         # kubeconfig lives elsewhere and still works
         pytester.makepyfile(test_plain="def test_nothing(tmp_path):\n    pass\n")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kipik import labels
+from pytest_kipik import labels, reaper
 from pytest_kipik.config import KipikConfig
+from pytest_kipik.hosts.base import Owned
 from pytest_kipik.reaper import Verdict, judge
-from pytest_kipik.sharing import Lease, Record, Session, cluster_key
+from pytest_kipik.sharing import KeptNotes, Lease, Record, Session, cluster_key
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 HOST = "ci-1"
@@ -144,3 +145,78 @@ def test_judge(found: dict[str, str], lease: Lease | None, verdict: Verdict | No
         )
         == verdict
     )
+
+
+# -- kept clusters of a worker that died: the owner says what it could not ------------------------
+
+
+def test_kept_notes_left_told_and_untold(tmp_path: Path) -> None:
+    session = Session("r1", 1, tmp_path / "sessions" / "r1")
+    notes = KeptNotes(session)
+    assert notes.untold("kipik-r1-dind") is None  # never noted: half-made or not a worker's
+    notes.leave("kipik-r1-dind", "kipik-r1", "use it / remove it")
+    notes.leave("kipik-r1-dind", "kipik-r1-2", "the other one")
+    assert notes.untold("kipik-r1-dind") == ["use it / remove it", "the other one"]
+    notes.told("kipik-r1-dind", "kipik-r1")
+    assert notes.untold("kipik-r1-dind") == ["the other one"]
+    notes.told("kipik-r1-dind", "kipik-r1-2")
+    assert notes.untold("kipik-r1-dind") == []
+    notes.told("kipik-r9-dind")  # a host its worker spoke of without a cluster in it
+    assert notes.untold("kipik-r9-dind") == []
+    assert (tmp_path / "sessions" / "r1" / "kept").stat().st_mode & 0o077 == 0
+
+
+class _ListingBackend:
+    """A double of a backend that lists given resources and records removals."""
+
+    name = "docker"
+
+    def __init__(self, owned: list[Owned]) -> None:
+        self.owned = owned
+        self.removed: list[str] = []
+
+    def list_owned(self, run_id: str | None = None) -> list[Owned]:
+        return [o for o in self.owned if o.labels.get(labels.RUN_ID) == run_id]
+
+    def make_host(self, name: str, found: object, ports: object) -> _ListingBackend.Host:
+        return self.Host(name)
+
+    def remove_owned(self, resource: Owned) -> None:
+        self.removed.append(str(resource))
+
+    class Host:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def removal_command(self) -> str:
+            return f"docker rm --force --volumes {self.name}"
+
+
+def test_sweep_says_what_a_dead_worker_kept_and_removes_the_rest() -> None:
+    def owned(name: str, worker: str, *, keep: bool, run_id: str = "r1") -> Owned:
+        found = labels.owner_labels(
+            run_id=run_id, cluster=name.removesuffix("-dind"), role="dind", worker=worker, keep=keep
+        )
+        return Owned("container", name, found)
+
+    backend = _ListingBackend(
+        [
+            owned("kipik-r1-gw0-1-dind", "gw0", keep=True),  # noted, its worker died
+            owned("kipik-r1-gw1-1-dind", "gw1", keep=True),  # its worker said it already
+            owned("kipik-r1-gw0-2-dind", "gw0", keep=True),  # its worker died making it
+            owned("kipik-r1-2-dind", "main", keep=True),  # the owner's: it speaks for itself
+            owned("kipik-r1-gw1-3-dind", "gw1", keep=False),  # not kept: removed
+            owned("kipik-r2-gw0-1-dind", "gw0", keep=True, run_id="r2"),  # another session's
+        ]
+    )
+    untold = {"kipik-r1-gw0-1-dind": ["note of gw0-1"], "kipik-r1-gw1-1-dind": []}
+    lines: list[str] = []
+    problems = reaper.sweep(backend, "r1", lines.append, untold.get)  # type: ignore[arg-type]
+    assert problems == []
+    assert lines[:2] == [
+        "note of gw0-1",
+        "kipik: kept kipik-r1-gw0-2-dind, left half-made when the process making it ended; "
+        "remove it: docker rm --force --volumes kipik-r1-gw0-2-dind",
+    ]
+    assert backend.removed == ["container kipik-r1-gw1-3-dind"]
+    assert not any("gw1-1" in line or "r1-2-dind" in line or "r2" in line for line in lines)
