@@ -18,9 +18,10 @@ import statistics
 import tempfile
 import time
 
+from pytest_kipik.sharing.session import Session, WarmSlot
+
 from pytest_kipik import ClusterFactory, KipikConfig
 from pytest_kipik.hosts.docker import DockerBackend
-from pytest_kipik.sharing import Session, WarmSlot
 
 
 def session_ready(config: KipikConfig, lines: list[str], slot: int | None = None) -> float:

@@ -10,7 +10,7 @@ pytest, for example::
         print(cluster.core_v1.list_node())
 """
 
-from pytest_kipik.cluster import ClusterFactory, ImageLoad, NestedCluster, NestedNamespace
+from pytest_kipik.cluster import ImageLoad, NestedCluster, NestedNamespace
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import (
     CommandError,
@@ -20,7 +20,9 @@ from pytest_kipik.errors import (
     KindError,
     KipikError,
     ReadinessTimeout,
+    WaitTimeout,
 )
+from pytest_kipik.factory import ClusterFactory
 
 __all__ = [
     "ClusterFactory",
@@ -35,4 +37,5 @@ __all__ = [
     "NestedCluster",
     "NestedNamespace",
     "ReadinessTimeout",
+    "WaitTimeout",
 ]

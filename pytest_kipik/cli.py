@@ -24,20 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_kipik import doctor, kubeconfig, paths, reaper
 from pytest_kipik import labels as lbl
-from pytest_kipik.cluster import ClusterFactory
+from pytest_kipik import paths
 from pytest_kipik.config import SETTINGS, KipikConfig, Setting, resolve
-from pytest_kipik.errors import ConfigError, KipikError
-from pytest_kipik.hosts import make_backend
+from pytest_kipik.errors import ConfigError, KipikError, front_end, option
+from pytest_kipik.factory import ClusterFactory
 from pytest_kipik.hosts.base import Backend, Host, Owned
-from pytest_kipik.hosts.pod import PodBackend
-from pytest_kipik.kind import API_SERVER_PORT, KindDriver
-from pytest_kipik.logs import export_logs
-from pytest_kipik.portforward import PortForwarder, Target
+from pytest_kipik.hosts.choice import make_backend
+from pytest_kipik.k8s import kubeconfig
+from pytest_kipik.kind.config import API_SERVER_PORT
+from pytest_kipik.kind.driver import KindDriver
+from pytest_kipik.ops import doctor, reaper
+from pytest_kipik.ops.logs import export_logs
 from pytest_kipik.process import log_command
 from pytest_kipik.progress import stderr_reporter
-from pytest_kipik.sharing import LEASE_PATH, Lease
+from pytest_kipik.sharing.session import LEASE_PATH, Lease
 
 PROG = "kipik"
 #: Exit codes: a check or removal failed; a usage or configuration error.
@@ -53,7 +54,8 @@ class CommandFailed(KipikError):
 
 def option_name(spec: Setting) -> str:
     """The ``kipik`` option of a setting: ``--node-image`` for ``node_image``."""
-    return "--" + spec.name.replace("_", "-")
+    with front_end(PROG):
+        return option(spec.name)
 
 
 def _dest(spec: Setting) -> str:
@@ -361,7 +363,7 @@ def _backend(config: KipikConfig) -> Iterator[Backend]:
 
 def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
     """Create a kept cluster; stdout: ``export KUBECONFIG=...``."""
-    factory = ClusterFactory(config, report=stderr_reporter)
+    factory = ClusterFactory(config, report=stderr_reporter, keep_failures=False)
     name = args.name or lbl.cluster_name(config.name_prefix, factory.run_id, None, 1)
     try:
         cluster = factory.create(name, nodes=args.nodes)
@@ -371,7 +373,7 @@ def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
         raise
     cluster.close()  # kept: only its client is closed
     factory.clusters.remove(cluster)
-    outside_pod = isinstance(factory.backend, PodBackend) and not factory.backend.direct
+    forwarded = factory.backend.forwards_api
     factory.close()
     print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)
     lines = [
@@ -380,7 +382,7 @@ def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
         f"  a shell:   kipik shell {name}",
         f"  remove it: kipik down {name}",
     ]
-    if outside_pod:
+    if forwarded:
         lines.append(
             "  its kubeconfig names a port-forward that ended with this command: use "
             f"`kipik shell {name}`, which holds one open"
@@ -472,22 +474,18 @@ def _reachable_kubeconfig(backend: Backend, cluster: FoundCluster) -> Iterator[P
     host = _attached(backend, cluster)
     if host is None:
         raise CommandFailed(f"the host of {cluster.name} is not running")
-    if not isinstance(backend, PodBackend) or backend.direct:
-        yield path
-        return
-    owned = cluster.host
-    assert owned is not None  # attached
-    target = Target(backend.namespace, owned.name, API_SERVER_PORT)
-    forwarder = PortForwarder(backend.api.configuration, lambda: target, name=owned.name)
     directory = Path(tempfile.mkdtemp(prefix="kipik-shell-"))  # 0700
     try:
         raw = kubeconfig.parse(path.read_text(encoding="utf-8"))
-        url = f"https://127.0.0.1:{forwarder.local_port}"
-        yield kubeconfig.write_private(
-            directory / "kubeconfig", kubeconfig.dump(kubeconfig.with_server(raw, url))
-        )
+        url = host.api_endpoint(API_SERVER_PORT).url  # a port-forward held meanwhile, maybe
+        if kubeconfig.server_of(raw) == url:
+            yield path
+        else:
+            yield kubeconfig.write_private(
+                directory / "kubeconfig", kubeconfig.dump(kubeconfig.with_server(raw, url))
+            )
     finally:
-        forwarder.close()
+        host.detach()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -552,6 +550,11 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kipik``; the exit status (1: a command failed, 2: a usage or settings error)."""
+    with front_end(PROG):  # errors name --image, not --kipik-image
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {"keep": "true"} if args.command == "up" else {}

@@ -14,11 +14,13 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pytest_kipik import kind, pod_manifest
-from pytest_kipik.errors import ConfigError
+from pytest_kipik.errors import ConfigError, option
+from pytest_kipik.hosts import pod_manifest
+from pytest_kipik.kind import config as kind
 
 BACKENDS = ("auto", "docker", "pod")
 NAME_PREFIX_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
@@ -111,9 +113,7 @@ def _name_prefix(text: str, _base: Path) -> str:
 def _kind_config(text: str, base: Path) -> Path | None:
     if not text.strip():
         return None
-    path = (base / Path(text.strip()).expanduser()).resolve()
-    kind.load_user_config(path)  # raises ConfigError naming the file and the problem
-    return path
+    return (base / Path(text.strip()).expanduser()).resolve()  # read by resolve(), once
 
 
 def _image_list(text: str, base: Path) -> tuple[str, ...]:
@@ -354,6 +354,15 @@ class KipikConfig:
     )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    @cached_property
+    def user_kind_config(self) -> dict[str, Any] | None:
+        """The kind config file's content, validated like kind does; None without one.
+
+        Read once, when the settings are resolved; everything that needs the user's kind
+        config reads it here.
+        """
+        return kind.load_user_config(self.kind_config) if self.kind_config else None
+
     @classmethod
     def defaults(cls) -> KipikConfig:
         """The configuration with every setting at its default."""
@@ -409,7 +418,7 @@ def resolve(
     sources: dict[str, str] = {}
     for spec in SETTINGS:
         candidates = (
-            (cli.get(spec.name), "cli", f"command-line option {spec.cli}", cwd),
+            (cli.get(spec.name), "cli", f"command-line option {option(spec.name)}", cwd),
             (environ.get(spec.env), "env", f"environment variable {spec.env}", cwd),
             (ini.get(spec.name), "ini", f"ini key {spec.ini}", ini_dir),
             (spec.default, "default", "the default", cwd),
@@ -421,4 +430,20 @@ def resolve(
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"invalid {spec.name} from {source}: {exc}") from None
         sources[spec.name] = short
-    return KipikConfig(**values, sources=sources)
+    config = KipikConfig(**values, sources=sources)
+    try:
+        config.user_kind_config  # noqa: B018 - read (and validated) once, now
+    except ConfigError as exc:
+        raise ConfigError(
+            f"invalid kind_config from {_source_text(sources['kind_config'], 'kind_config')}: {exc}"
+        ) from None
+    return config
+
+
+def _source_text(short: str, name: str) -> str:
+    spec = next(s for s in SETTINGS if s.name == name)
+    return {
+        "cli": f"command-line option {option(name)}",
+        "env": f"environment variable {spec.env}",
+        "ini": f"ini key {spec.ini}",
+    }.get(short, "the default")

@@ -1,10 +1,15 @@
-"""The exceptions pytest-kipik raises: one root, a few precise subclasses."""
+"""The exceptions pytest-kipik raises (one root, a few precise subclasses), and their words.
+
+An error that names a setting spells its option with :func:`option`, as the users of the
+running front end type it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 def status_message(body: object) -> str | None:
@@ -52,8 +57,12 @@ class ClusterUnusableError(KipikError):
     """The nested cluster answers in a way waiting cannot fix (TLS mismatch, 401/403)."""
 
 
-class ReadinessTimeout(KipikError):
-    """The nested cluster did not become usable in time."""
+class WaitTimeout(KipikError):
+    """Something awaited did not happen in time: readiness, ``wait_for``, a pod, a daemon.
+
+    ``check`` names what was awaited, ``last_state`` the last state seen, ``hint`` what to
+    look at.
+    """
 
     def __init__(self, check: str, timeout: float, last_state: str, hint: str) -> None:
         self.check = check
@@ -65,6 +74,10 @@ class ReadinessTimeout(KipikError):
             f"  last state seen: {last_state}\n"
             f"  hint: {hint}"
         )
+
+
+#: The name :class:`WaitTimeout` had before every wait used it (kept for existing code).
+ReadinessTimeout = WaitTimeout
 
 
 def _tail(text: str, lines: int) -> str:
@@ -143,3 +156,29 @@ class KindError(KipikError):
             f"  kind's stderr:\n{_tail(error.stderr, 60)}\n"
             f"  last 50 lines of the inner Docker daemon's log:\n{_tail(daemon_log, 50)}"
         )
+
+
+# -- how each front end spells a setting ---------------------------------------------------------
+
+#: The front end running in this process (set by :func:`front_end`).
+_running = {"front": "pytest"}
+
+
+def option(name: str) -> str:
+    """The command-line option of setting ``name`` as the running front end's users type it.
+
+    ``--kipik-node-image`` under pytest, ``--node-image`` with the ``kipik`` command. Errors
+    anywhere below the front ends name settings with this.
+    """
+    dashed = name.replace("_", "-")
+    return f"--{dashed}" if _running["front"] == "kipik" else f"--kipik-{dashed}"
+
+
+@contextlib.contextmanager
+def front_end(name: str) -> Iterator[None]:
+    """Inside, :func:`option` spells options for ``name``'s users (``pytest`` or ``kipik``)."""
+    before, _running["front"] = _running["front"], name
+    try:
+        yield
+    finally:
+        _running["front"] = before

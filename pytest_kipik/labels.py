@@ -110,7 +110,7 @@ def owner_labels(
 
     ``owner_pid`` is the process that owns the session (under xdist the controller, which
     outlives the workers; default: this process). ``expires-at`` is ``now + ttl``: kept, reused
-    and warm resources extend it with a lease inside the host (see :mod:`pytest_kipik.reaper`).
+    and warm resources extend it with a lease inside the host (see :mod:`pytest_kipik.ops.reaper`).
     Every value is valid both as a Docker label and as a Kubernetes label value.
     """
     moment = now or dt.datetime.now(dt.timezone.utc)

@@ -1,7 +1,8 @@
 """``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=...)``: a cluster per configuration.
 
-Pure: a marker's arguments in, a hashable :class:`ClusterSpec` out (the session-scoped
-``nested_cluster`` fixture is parametrized with it, so pytest keeps one value per spec).
+A marker's arguments in, a hashable :class:`ClusterSpec` out (the session-scoped
+``nested_cluster`` fixture is parametrized with it, so pytest keeps one value per spec); a
+kind config file the marker names is read to check it at collection.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from pytest_kipik import kind
 from pytest_kipik.errors import ConfigError
+from pytest_kipik.kind import config as kind
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""The pytest11 entry point: options, ini keys, the report header and thin fixtures only.
+"""The pytest front door (the pytest11 entry point): pytest's hooks and the fixtures.
 
-Everything that does work lives in :mod:`pytest_kipik.cluster` and runs without pytest.
+Options and ini keys generated from the settings, the report header, the marker's
+parametrization, the xdist hand-over of the session (its owner's sweep at the end), the
+failure report, and the fixtures, which only call :class:`~pytest_kipik.factory.ClusterFactory`.
+Everything that makes or removes clusters runs without pytest.
 """
 
 from __future__ import annotations
@@ -16,23 +19,21 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s_client
 
-from pytest_kipik import diagnostics, kind, labels, logs, reaper, sharing
-from pytest_kipik.cluster import (
-    ClusterFactory,
-    NestedCluster,
-    NestedNamespace,
-    OwnerHolds,
-    reuse_name,
-    reuse_state,
-)
+from pytest_kipik import labels
+from pytest_kipik.cluster import NestedCluster, NestedNamespace
 from pytest_kipik.config import SETTINGS, KipikConfig, resolve
 from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
-from pytest_kipik.hosts import Choice, choose, make_backend
-from pytest_kipik.hosts.docker import engine_location
-from pytest_kipik.hosts.pod import local_outer_addresses
+from pytest_kipik.factory import ClusterFactory
+from pytest_kipik.hosts.choice import Choice, choose, make_backend
+from pytest_kipik.hosts.engine import engine_location
+from pytest_kipik.k8s import diagnostics
+from pytest_kipik.kind import config as kind
 from pytest_kipik.marker import ClusterSpec, marker_spec
+from pytest_kipik.ops import logs, reaper
 from pytest_kipik.progress import Reporter, Tail, file_reporter
-from pytest_kipik.sharing import KeptNotes, Session, WarmSlot
+from pytest_kipik.sharing.flows import reuse_name, reuse_state
+from pytest_kipik.sharing.holds import OwnerHolds
+from pytest_kipik.sharing.session import KeptNotes, Session, WarmSlot, cluster_key
 from pytest_kipik.signals import deferred_interrupts, terminate_as_interrupt
 
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
@@ -120,7 +121,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[CONFIG_KEY] = kipik
     config.stash[CHOICE_KEY] = choice
     config.stash[SESSION_KEY] = _session(config, kipik)
-    user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else {}
+    user = kipik.user_kind_config or {}
     for key in kind.unknown_fields(user):
         config.issue_config_time_warning(
             pytest.PytestWarning(
@@ -206,15 +207,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _check_for(kipik: KipikConfig, choice: Choice) -> None:
-    """What the chosen backend needs, checked now: an image, subnets that cannot collide."""
-    if choice.name != "pod":
-        return
-    if not kipik.image:
-        make_backend(kipik, lambda line: None, choice).connect()  # raises what to do
-    user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else {}
-    kind.check_no_overlap(
-        kind.subnets(user, kipik.pod_subnet, kipik.service_subnet), local_outer_addresses()
-    )
+    """What the chosen backend needs from the settings, checked before the session starts."""
+    backend = make_backend(kipik, lambda line: None, choice)
+    try:
+        backend.preflight()
+    finally:
+        backend.close()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -230,8 +228,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     else:
         lines.append(f"kipik: docker engine: {engine_location()}")
     if kipik.reuse:
-        user = kind.load_user_config(kipik.kind_config) if kipik.kind_config else None
-        key = sharing.cluster_key(
+        user = kipik.user_kind_config
+        key = cluster_key(
             kipik, backend=choice.name, user_config=user, nodes=None, node_image=kipik.node_image
         )
         name = reuse_name(kipik.name_prefix, key)

@@ -1,4 +1,6 @@
-"""The one choke point for commands: local processes and execs inside a host share it.
+"""The choke point for commands: kubectl/helm here and every exec inside a host go through it.
+
+(``kipik shell`` alone hands the terminal to the user's shell directly.)
 
 Every command is an argv list (never a shell string), is debug-logged as a pasteable line, and a
 failure raises :class:`~pytest_kipik.errors.CommandError` with argv, exit code and both streams.

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from pytest_kipik.errors import ReadinessTimeout
+from pytest_kipik.errors import WaitTimeout
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ def wait_until(
 ) -> T:
     """Call ``check`` until it returns instead of raising :class:`NotYet`, or time runs out.
 
-    Raises :class:`ReadinessTimeout` naming ``what`` was awaited, the last state ``check``
+    Raises :class:`WaitTimeout` naming ``what`` was awaited, the last state ``check``
     reported, and ``hint``.
     """
     retrying = Retrying(
@@ -39,4 +39,4 @@ def wait_until(
         return retrying(check)
     except RetryError as exc:
         last = exc.last_attempt.exception()
-        raise ReadinessTimeout(what, timeout, str(last) or "(nothing)", hint) from None
+        raise WaitTimeout(what, timeout, str(last) or "(nothing)", hint) from None

@@ -24,7 +24,7 @@ import docker.errors
 import pytest
 
 from pytest_kipik import NestedCluster
-from pytest_kipik.hosts.docker import owned_resources
+from pytest_kipik.hosts.engine import owned_resources
 from pytest_kipik.waiting import NotYet, wait_until
 
 #: The real-kind tier's images: a DinD image with a real kind, and a real kind node image.

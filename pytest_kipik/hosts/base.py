@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pytest_kipik.errors import HostError
-from pytest_kipik.image import inner_reference
+from pytest_kipik.hosts.transfer import inner_reference
 from pytest_kipik.process import CommandResult
 
 #: Receives output lines of a running command as they come (e.g. kind's progress).
@@ -159,6 +159,10 @@ class Host(Protocol):
         """Remove the host and everything it holds; idempotent, and retried when it failed."""
         ...
 
+    def detach(self) -> None:
+        """Let go of what this process holds open to the host (port-forwards); it stays."""
+        ...
+
     def attach(self) -> bool:
         """Adopt the existing, running host of this name carrying this host's run id.
 
@@ -229,7 +233,7 @@ def load_unless_present(host: Host, image: str, local_id: str | None, move: Move
 def tag_loaded(host: Host, image: str, image_id: str, loaded: CommandResult) -> str:
     """After ``docker load`` of ``image`` (by id) inside ``host``: tag it as kind will ask for it.
 
-    Returns the inner reference (see :func:`~pytest_kipik.image.inner_reference`); raises
+    Returns the inner reference (see :func:`~pytest_kipik.hosts.transfer.inner_reference`); raises
     HostError with the inner daemon's log when the load or the tag failed.
     """
     inner = inner_reference(image)
@@ -307,8 +311,23 @@ class Backend(Protocol):
     #: ``docker`` or ``pod``.
     name: str
 
+    @property
+    def forwards_api(self) -> bool:
+        """Whether this process reaches hosts' API servers through port-forwards it holds.
+
+        Then a kubeconfig's address ends with the process (see :meth:`Host.api_endpoint`).
+        """
+        ...
+
     def connect(self) -> None:
         """Check that the backend answers (raises BackendUnavailable with what to do)."""
+        ...
+
+    def preflight(self) -> None:
+        """Check, cheaply and before a session starts, what this backend needs of the settings.
+
+        Raises ConfigError (or BackendUnavailable) saying what to do.
+        """
         ...
 
     def describe(self) -> str:

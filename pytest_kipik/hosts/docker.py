@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import socket
 import tarfile
 import threading
@@ -17,7 +16,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlparse
 
 import docker
 import docker.errors
@@ -27,11 +25,11 @@ from docker.utils.socket import STDOUT, frames_iter
 
 from pytest_kipik import labels as lbl
 from pytest_kipik.errors import (
-    DockerUnavailableError,
     HostError,
     ImageError,
     KipikError,
     NameClashError,
+    option,
 )
 from pytest_kipik.hosts.base import (
     ChunkReader,
@@ -43,16 +41,23 @@ from pytest_kipik.hosts.base import (
     inner_dockerd_args,
     load_unless_present,
 )
-from pytest_kipik.image import ensure_default_image
+from pytest_kipik.hosts.engine import (
+    STREAM_CHUNK,
+    connect,
+    engine_address,
+    engine_location,
+    ensure_image,
+    image_stream,
+    local_image_id,
+    owned_resources,
+)
+from pytest_kipik.hosts.transfer import ensure_default_image
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
 from pytest_kipik.waiting import NotYet, wait_until
 
 #: The inner daemon's log, as the kipik DinD entrypoint writes it.
 DAEMON_LOG = "/var/log/dockerd.log"
-_STREAM_CHUNK = 4 * 1024 * 1024
-#: How long a single Docker API call may block (image save/load and long execs have their own).
-_API_TIMEOUT = 600
 #: Where holders of a DinD take their shared lock (see :data:`DEAD_MAN`).
 HOLDS_FILE = "/run/kipik-holds"
 #: The dead-man switch, run inside the DinD by every process that holds it (argv of
@@ -69,92 +74,6 @@ DEAD_MAN = [
     f'exec flock -n {HOLDS_FILE} sh -c "kill -TERM 1; sleep 10; kill -KILL -1"',
 ]
 _HELD = b"held"
-
-
-def engine_location() -> str:
-    """Where the Docker SDK looks for the engine, for messages and the report header."""
-    host = os.environ.get("DOCKER_HOST")
-    if host:
-        return f"{host} (from DOCKER_HOST)"
-    return "unix:///var/run/docker.sock (the default; DOCKER_HOST is not set)"
-
-
-def engine_answers(timeout: float = 3) -> bool:
-    """Whether a Docker engine answers where the Docker SDK looks (a quick ping)."""
-    try:
-        probe = docker.from_env(timeout=int(max(timeout, 1)))
-    except docker.errors.DockerException:
-        return False
-    try:
-        return bool(probe.ping())
-    except docker.errors.DockerException:
-        return False
-    finally:
-        probe.close()
-
-
-def connect() -> docker.DockerClient:
-    """A client for the engine the Docker SDK finds from the environment, checked to answer."""
-    try:
-        probe = docker.from_env(timeout=15)
-        probe.ping()
-        probe.close()
-        return docker.from_env(timeout=_API_TIMEOUT)
-    except docker.errors.DockerException as exc:
-        raise DockerUnavailableError(
-            f"no Docker engine answered at {engine_location()}: {exc}\n"
-            "  pytest-kipik needs a Docker engine to run its Docker-in-Docker containers. "
-            "Start Docker (e.g. `sudo systemctl start docker`, or Docker Desktop), or point "
-            "DOCKER_HOST at a running engine; `docker version` must show a Server section. "
-            "Inside a Kubernetes pod, use --kipik-backend=pod."
-        ) from None
-
-
-def ensure_image(client: docker.DockerClient, image: str, report: Reporter) -> None:
-    """Make sure the engine has ``image``, pulling it when it does not."""
-    try:
-        client.images.get(image)
-        return
-    except docker.errors.ImageNotFound:
-        pass
-    report(f"kipik: image {image} is not present locally; pulling it")
-    try:
-        client.images.pull(image)
-    except docker.errors.DockerException as exc:
-        raise ImageError(
-            f"the image {image!r} is not present on the Docker engine and pulling it failed: "
-            f"{exc}\n  Check the name given with --kipik-image (or --kipik-node-image), "
-            "build it locally, or log in to its registry."
-        ) from None
-
-
-def local_image_id(client: docker.DockerClient, image: str) -> str | None:
-    """The id of ``image`` on this engine, or None when the engine lacks it."""
-    try:
-        return str(client.images.get(image).id)
-    except docker.errors.ImageNotFound:
-        return None
-
-
-def image_stream(client: docker.DockerClient, image: str) -> tuple[str, Iterator[bytes]] | None:
-    """``(image id, docker save stream)`` of a local image, or None when the engine lacks it.
-
-    The archive names the image by id only: a digest-pinned reference cannot be loaded under
-    its name, so whoever loads it tags it afterwards.
-    """
-    try:
-        local = client.images.get(image)
-    except docker.errors.ImageNotFound:
-        return None
-    return str(local.id), local.save(chunk_size=_STREAM_CHUNK, named=False)
-
-
-def _engine_address(client: docker.DockerClient) -> str:
-    """The address published ports of this engine are reached at from the test process."""
-    url = urlparse(str(client.api.base_url))
-    if url.scheme in ("http", "https", "tcp") and url.hostname not in (None, "localhost"):
-        return str(url.hostname)
-    return "127.0.0.1"
 
 
 def _missing_modules(exc: docker.errors.APIError) -> bool:
@@ -215,7 +134,7 @@ class DockerHost:
         self._name = name
         self.labels = dict(labels)
         self.inner_ports = list(inner_ports)
-        self.address = _engine_address(client)
+        self.address = engine_address(client)
         self.container: Container | None = None
 
     @property
@@ -229,7 +148,7 @@ class DockerHost:
         return NameClashError(
             f"a container named {self._name} already exists ({found.short_id}, "
             f"{found.status}): {_describe_owner(found.labels)}. kipik leaves it alone. "
-            "Remove it yourself if it is stale, or choose another --kipik-name-prefix."
+            f"Remove it yourself if it is stale, or choose another {option('name_prefix')}."
         )
 
     def start(self) -> None:
@@ -380,6 +299,9 @@ class DockerHost:
             raise HostError(f"could not hold {self._name}: it is going away (its last holder left)")
         return hold
 
+    def detach(self) -> None:
+        """Nothing is held open: the published port outlives this process."""
+
     def remove(self) -> None:
         """Remove our container and its volumes (force); nothing that is not ours."""
         try:
@@ -516,7 +438,7 @@ class DockerHost:
     def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
         """Run ``argv`` in the DinD container with the file ``source`` streamed to its stdin."""
         with source.open("rb") as handle:
-            chunks: Iterator[bytes] = iter(lambda: handle.read(_STREAM_CHUNK), b"")
+            chunks: Iterator[bytes] = iter(lambda: handle.read(STREAM_CHUNK), b"")
             return self.exec(argv, stdin=chunks, timeout=timeout)
 
     def load_image(self, image: str, timeout: float) -> Loaded | None:
@@ -578,23 +500,12 @@ class DockerHost:
             return f"(container output unavailable: {exc})"
 
 
-def owned_resources(client: docker.DockerClient, run_id: str | None = None) -> list[Owned]:
-    """Containers and volumes kipik created (all runs, or the run ``run_id``)."""
-    selector = f"{lbl.RUN_ID}={run_id}" if run_id else lbl.RUN_ID
-    # the low-level listing: the models' list() inspects each container and fails on one that
-    # is removed meanwhile (another session's teardown)
-    containers = client.api.containers(all=True, filters={"label": selector})
-    volumes = client.api.volumes(filters={"label": selector}).get("Volumes") or []
-    return [
-        Owned("container", str(c["Names"][0]).lstrip("/"), dict(c.get("Labels") or {}))
-        for c in containers
-    ] + [Owned("volume", str(v["Name"]), dict(v.get("Labels") or {})) for v in volumes]
-
-
 class DockerBackend:
     """DinD containers on the local Docker engine (found like the Docker SDK finds it)."""
 
     name = "docker"
+    #: Published ports outlive this process.
+    forwards_api = False
 
     def __init__(self, image: str | None, report: Reporter) -> None:
         self.image = image
@@ -612,6 +523,9 @@ class DockerBackend:
     def connect(self) -> None:
         """Check now that the engine answers (raises DockerUnavailableError)."""
         _ = self.client  # connects on first use (not in an assert, which python -O drops)
+
+    def preflight(self) -> None:
+        """Nothing to check early: the engine is asked when the first cluster is made."""
 
     def describe(self) -> str:
         """Where DinD containers run."""

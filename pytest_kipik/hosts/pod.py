@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import tarfile
 import tempfile
 import time
@@ -25,12 +24,11 @@ from urllib.parse import urlsplit
 
 import docker
 from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 
-from pytest_kipik import kind, paths
 from pytest_kipik import labels as lbl
+from pytest_kipik import paths
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import (
     BackendUnavailable,
@@ -38,29 +36,30 @@ from pytest_kipik.errors import (
     HostError,
     NameClashError,
     OuterClusterError,
-    ReadinessTimeout,
+    WaitTimeout,
+    option,
     status_message,
 )
+from pytest_kipik.hosts import engine
 from pytest_kipik.hosts.base import (
-    SERVICE_ACCOUNT_DIR,
     Endpoint,
     Loaded,
     OutputSink,
     Owned,
     extract_tree,
-    in_pod,
     inner_dockerd_args,
     load_unless_present,
 )
-from pytest_kipik.hosts.docker import engine_answers, image_stream, local_image_id
-from pytest_kipik.pod_manifest import CONTAINER, build_pod, load_template
-from pytest_kipik.portforward import PortForwarder, Target, streaming
+from pytest_kipik.hosts.engine import engine_answers, image_stream, local_image_id
+from pytest_kipik.hosts.outer import RBAC_EXAMPLE, OuterCluster, local_outer_addresses
+from pytest_kipik.hosts.pod_manifest import CONTAINER, build_pod, load_template
+from pytest_kipik.k8s.portforward import PortForwarder, Target, streaming
+from pytest_kipik.kind import config as kind
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
 from pytest_kipik.waiting import NotYet, wait_until
 
 DAEMON_LOG = "/var/log/dockerd.log"
-RBAC_EXAMPLE = "examples/rbac.yaml"
 PSA_LABEL = "pod-security.kubernetes.io/enforce=privileged"
 _CHUNK = 1024 * 1024
 _REQUEST_TIMEOUT = 30
@@ -79,7 +78,8 @@ def _api_failure(exc: ApiException, verb: str, resource: str, namespace: str) ->
             f"the outer cluster's Pod Security admission refused the privileged DinD pod in "
             f"namespace {namespace}: {message}\n  The DinD pod must run privileged (or under a "
             "sysbox runtime class, see the README). Label a namespace for it: kubectl label "
-            f"namespace {namespace} {PSA_LABEL} (or use --kipik-namespace with one that has it)."
+            f"namespace {namespace} {PSA_LABEL} (or use {option('namespace')} with one that "
+            "has it)."
         )
     if exc.status == 403:
         return OuterClusterError(
@@ -110,18 +110,6 @@ def _exit_code(status_text: str) -> int:
         if cause.get("reason") == "ExitCode":
             return int(cause.get("message", -1))
     raise HostError(f"the command could not run: {status.get('message', status_text)}")
-
-
-def local_outer_addresses() -> dict[str, str]:
-    """Outer-network addresses this process knows without asking: its own, the API service."""
-    found: dict[str, str] = {}
-    if in_pod():
-        with contextlib.suppress(OSError):
-            found["this pod's IP"] = socket.gethostbyname(socket.gethostname())
-        found["the outer API service (KUBERNETES_SERVICE_HOST)"] = os.environ.get(
-            "KUBERNETES_SERVICE_HOST", ""
-        )
-    return {k: v for k, v in found.items() if v}
 
 
 class PodHost:
@@ -184,7 +172,7 @@ class PodHost:
         return NameClashError(
             f"a pod named {self._name} already exists in namespace {self.namespace} and "
             f"belongs to {whose}; kipik leaves it alone. Remove it if it is stale, or choose "
-            "another --kipik-name-prefix."
+            f"another {option('name_prefix')}."
         )
 
     def _status_report(self) -> str:
@@ -267,7 +255,7 @@ class PodHost:
                 hint="the pod must be schedulable and its image pullable by the outer cluster",
                 interval=0.5,
             )
-        except ReadinessTimeout as exc:
+        except WaitTimeout as exc:
             raise HostError(
                 f"{exc}\n  the pod as the outer cluster reports it:\n{self._status_report()}"
             ) from None
@@ -280,11 +268,15 @@ class PodHost:
             interval=0.5,
         )
 
-    def remove(self) -> None:
-        """Close port-forwards, delete our pod and wait until it is gone (bounded)."""
+    def detach(self) -> None:
+        """Close this process's port-forwards to the pod; the pod stays."""
         for forwarder in self._forwarders.values():
             forwarder.close()
         self._forwarders.clear()
+
+    def remove(self) -> None:
+        """Close port-forwards, delete our pod and wait until it is gone (bounded)."""
+        self.detach()
         if not self._created and not self._is_ours():
             return
         try:
@@ -559,84 +551,73 @@ class PodBackend:
     def __init__(self, config: KipikConfig, report: Reporter) -> None:
         self.config = config
         self.report = report
-        self._api: k8s_client.ApiClient | None = None
-        self._source = ""
-        self.namespace = config.namespace or "default"
-        self.direct = in_pod()
-        self.kubectl_flags = ""
+        self.outer = OuterCluster(config)
         self._owner: dict[str, str] | None = None
         self._template = load_template(config.pod_template) if config.pod_template else None
         self._docker: Any = None
 
-    # -- the outer cluster -----------------------------------------------------------------
+    @property
+    def forwards_api(self) -> bool:
+        """Outside the outer cluster, API servers are reached through this process's forwards."""
+        return not self.direct
 
-    def _load(self) -> k8s_client.ApiClient:
-        configuration = k8s_client.Configuration()
-        kubeconfig = self.config.outer_kubeconfig
-        context = self.config.outer_context
-        try:
-            if kubeconfig is None and in_pod() and context is None:
-                k8s_config.load_incluster_config(client_configuration=configuration)
-                self._source = "the in-cluster config (service-account token)"
-                namespace = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
-            else:
-                path = str(kubeconfig) if kubeconfig else None
-                k8s_config.load_kube_config(
-                    config_file=path,
-                    context=context,
-                    client_configuration=configuration,
-                    persist_config=False,
-                )
-                shown = path or os.environ.get("KUBECONFIG") or "~/.kube/config"
-                self._source = f"kubeconfig {shown}" + (f", context {context}" if context else "")
-                _, active = k8s_config.list_kube_config_contexts(config_file=path)
-                if context:
-                    contexts, _ = k8s_config.list_kube_config_contexts(config_file=path)
-                    active = next(c for c in contexts if c["name"] == context)
-                namespace = (active.get("context") or {}).get("namespace") or "default"
-                flags = [f"--kubeconfig {path}"] if path else []
-                flags += [f"--context {context}"] if context else []
-                self.kubectl_flags = " ".join(flags) + (" " if flags else "")
-        except (k8s_config.ConfigException, OSError, StopIteration) as exc:
-            raise BackendUnavailable(
-                f"no outer Kubernetes cluster is configured for the pod backend: {exc}\n"
-                "  Give one with --kipik-outer-kubeconfig (and --kipik-outer-context), set "
-                "KUBECONFIG, or run inside a pod with a service-account token."
-            ) from None
-        self.namespace = self.config.namespace or namespace
-        return k8s_client.ApiClient(configuration)
+    # -- the outer cluster -----------------------------------------------------------------
 
     @property
     def api(self) -> k8s_client.ApiClient:
         """The outer cluster's client (its own configuration, never the global default)."""
-        if self._api is None:
-            self._api = self._load()
-        return self._api
+        return self.outer.api
 
     @property
     def core(self) -> k8s_client.CoreV1Api:
         """``CoreV1Api`` of the outer cluster."""
-        return k8s_client.CoreV1Api(self.api)
+        return self.outer.core
+
+    @property
+    def namespace(self) -> str:
+        """The namespace of the DinD pods."""
+        return self.outer.namespace
+
+    @property
+    def direct(self) -> bool:
+        """Whether this process runs inside the outer cluster (it reaches pod IPs)."""
+        return self.outer.direct
+
+    @property
+    def kubectl_flags(self) -> str:
+        """``--kubeconfig``/``--context`` for kubectl commands printed to the user."""
+        return self.outer.kubectl_flags
 
     def streaming(self) -> contextlib.AbstractContextManager[k8s_client.CoreV1Api]:
         """A ``CoreV1Api`` on a client of its own, for one exec stream (see :func:`streaming`)."""
         return streaming(self.api.configuration)
 
+    def preflight(self) -> None:
+        """A DinD image, and nested subnets that hide no address of the outer network."""
+        if not self.config.image:
+            self.connect()  # raises what to do
+        kind.check_no_overlap(
+            kind.subnets(
+                self.config.user_kind_config, self.config.pod_subnet, self.config.service_subnet
+            ),
+            local_outer_addresses(),
+        )
+
     def connect(self) -> None:
         """Check that the outer API server answers, and find the pod kipik runs in."""
         if not self.config.image:
             raise ConfigError(
-                "the pod backend needs --kipik-image: a DinD image the outer cluster's nodes can "
-                "pull. Build pytest-kipik's image/ folder and push it, e.g. "
+                f"the pod backend needs {option('image')}: a DinD image the outer cluster's nodes "
+                "can pull. Build pytest-kipik's image/ folder and push it, e.g. "
                 "`docker build -t REGISTRY/kipik-dind:1 image/ && docker push "
-                "REGISTRY/kipik-dind:1`, then pass --kipik-image=REGISTRY/kipik-dind:1."
+                f"REGISTRY/kipik-dind:1`, then pass {option('image')}=REGISTRY/kipik-dind:1."
             )
         server = self.api.configuration.host
         try:
             k8s_client.VersionApi(self.api).get_code(_request_timeout=15)
         except Exception as exc:  # any failure here means: unreachable
             raise BackendUnavailable(
-                f"the outer Kubernetes cluster at {server} did not answer ({self._source}): "
+                f"the outer Kubernetes cluster at {server} did not answer ({self.outer.source}): "
                 f"{exc}\n  Check the outer kubeconfig/context, and that this machine reaches "
                 "that address."
             ) from None
@@ -666,11 +647,7 @@ class PodBackend:
 
     def describe(self) -> str:
         """Where DinD pods run."""
-        way = "the pod IP (in-cluster)" if self.direct else "port-forward"
-        where = self._source or (
-            "the in-cluster config" if self.direct else "the default kubeconfig resolution"
-        )
-        return f"outer cluster from {where}, namespace {self.namespace}, reached by {way}"
+        return self.outer.describe()
 
     # -- hosts -----------------------------------------------------------------------------
 
@@ -700,9 +677,9 @@ class PodBackend:
     def _local_engine(self) -> docker.DockerClient | None:
         """The Docker engine where the test runs, if one answers (usually none inside a pod)."""
         if self._docker is None and engine_answers():
-            self._docker = docker.from_env(timeout=600)
-        engine: docker.DockerClient | None = self._docker
-        return engine
+            self._docker = engine.client()
+        found: docker.DockerClient | None = self._docker
+        return found
 
     def local_image_id(self, image: str) -> str | None:
         """The id of ``image`` on the local engine; None without an engine or such an image."""
@@ -754,9 +731,7 @@ class PodBackend:
 
     def close(self) -> None:
         """Close the clients."""
-        if self._api is not None:
-            self._api.close()
-            self._api = None
+        self.outer.close()
         if self._docker is not None:
             self._docker.close()
             self._docker = None

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kubeconfig
+from pytest_kipik.k8s import kubeconfig
 from pytest_kipik.waiting import NotYet, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

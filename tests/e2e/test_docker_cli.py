@@ -16,7 +16,7 @@ import docker
 import pytest
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kubeconfig
+from pytest_kipik.k8s import kubeconfig
 from tests.integration.test_cli import _labelled, _ls, _time, cli_env, kipik
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]

@@ -20,7 +20,7 @@ import docker.errors
 import pytest
 import yaml
 
-from pytest_kipik import ClusterFactory, KipikConfig, KipikError, NestedCluster, ReadinessTimeout
+from pytest_kipik import ClusterFactory, KipikConfig, KipikError, NestedCluster, WaitTimeout
 from pytest_kipik.errors import ClusterUnusableError
 from pytest_kipik.hosts.docker import DockerBackend, DockerHost
 from tests.conftest import APP_IMAGE, WEB, Leftovers, http_get, output_of_a_pod
@@ -269,7 +269,7 @@ def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
         "127.0.0.1:9/kipik-test/not-loaded:1"
     )
     cluster.apply(broken, namespace="default")
-    with pytest.raises(ReadinessTimeout) as caught:
+    with pytest.raises(WaitTimeout) as caught:
         cluster.wait_for("Deployment", "never", condition="Available", timeout=3)
     text = str(caught.value)
     assert "waiting for Deployment default/never to be Available" in text
@@ -282,7 +282,7 @@ def test_wait_for_says_what_it_saw_last(cluster: NestedCluster) -> None:
     def three_replicas(obj: dict[str, Any]) -> bool:
         return bool(obj["spec"]["replicas"] == 3)
 
-    with pytest.raises(ReadinessTimeout) as judged:
+    with pytest.raises(WaitTimeout) as judged:
         cluster.wait_for("Deployment", "never", condition=three_replicas, timeout=3)
     text = str(judged.value)
     assert "waiting for Deployment default/never to satisfy three_replicas" in text

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from pytest_kipik import kubeconfig
+from pytest_kipik.k8s import kubeconfig
 from pytest_kipik.waiting import NotYet, wait_until
 from tests.conftest import APP_IMAGE, WEB, http_get, output_of_a_pod
 from tests.e2e import outer as outer_mod

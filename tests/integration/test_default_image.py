@@ -15,7 +15,7 @@ import docker.errors
 import pytest
 
 from pytest_kipik.errors import ImageError
-from pytest_kipik.image import REPOSITORY, context_dir, context_hash, ensure_default_image
+from pytest_kipik.hosts.transfer import REPOSITORY, context_dir, context_hash, ensure_default_image
 
 pytestmark = pytest.mark.docker
 

@@ -8,8 +8,9 @@ import pytest
 
 from pytest_kipik import cli
 from pytest_kipik.config import SETTINGS, KipikConfig
-from pytest_kipik.errors import ConfigError
+from pytest_kipik.errors import ConfigError, front_end, option
 from pytest_kipik.hosts.base import Owned
+from pytest_kipik.kind import config as kind
 
 
 def _config(argv: list[str], environ: dict[str, str], tmp_path: Path) -> KipikConfig:
@@ -73,9 +74,18 @@ def test_main_exits_2_on_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exited:
         cli.main(["ls", "--backend", "podman"])
     assert exited.value.code == cli.USAGE
-    assert "kipik ls: invalid backend from command-line option --kipik-backend" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "kipik ls: invalid backend from command-line option --backend: 'podman'" in err
+    assert "--kipik-" not in err  # kipik's users type --backend
+
+
+def test_errors_below_the_front_ends_spell_options_as_each_front_ends_users_type_them() -> None:
+    assert option("node_image") == "--kipik-node-image"  # pytest, the default
+    with front_end("kipik"):
+        assert option("node_image") == "--node-image"
+        with pytest.raises(ConfigError, match=r"\(--pod-subnet / --service-subnet, or"):
+            kind.check_no_overlap({"pod subnet": "10.0.0.0/8"}, {"eth0": "10.1.2.3"})
+    assert option("node_image") == "--kipik-node-image"  # restored on the way out
 
 
 def test_no_abbreviations_so_name_is_not_name_prefix() -> None:

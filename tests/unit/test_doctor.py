@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_kipik import doctor
 from pytest_kipik.config import KipikConfig
-from pytest_kipik.doctor import FAIL, GIB, OK, WARN, Result
+from pytest_kipik.ops import doctor
+from pytest_kipik.ops.doctor import FAIL, GIB, OK, WARN, Result
 
 ROOT = Path(__file__).resolve().parents[2]
 

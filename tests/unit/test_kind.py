@@ -4,8 +4,16 @@ from typing import Any
 import pytest
 import yaml
 
-from pytest_kipik import kind
 from pytest_kipik.errors import CommandTimeout, ConfigError, KindError
+from pytest_kipik.kind import config as kind
+from pytest_kipik.kind.driver import (
+    ClusterPaths,
+    KindDriver,
+    create_argv,
+    delete_argv,
+    get_clusters_argv,
+    get_kubeconfig_argv,
+)
 
 HEADER = "kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\n"
 
@@ -81,7 +89,7 @@ def test_build_config_rejects_nodes_twice_and_zero() -> None:
 
 
 def test_argv_builders() -> None:
-    assert kind.create_argv(
+    assert create_argv(
         "demo",
         config_path="/kipik/demo/kind-config.yaml",
         kubeconfig_path="/kipik/demo/kubeconfig",
@@ -93,19 +101,27 @@ def test_argv_builders() -> None:
         "--image", "kindest/node:v1.31.0",
         "--kubeconfig", "/kipik/demo/kubeconfig",
     ]  # fmt: skip
-    assert kind.create_argv(
-        "demo", config_path="c", kubeconfig_path="k", image=None, retain=False
-    ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k"]
-    assert kind.create_argv(
+    assert create_argv("demo", config_path="c", kubeconfig_path="k", image=None, retain=False) == [
+        "kind",
+        "create",
+        "cluster",
+        "--name",
+        "demo",
+        "--config",
+        "c",
+        "--kubeconfig",
+        "k",
+    ]
+    assert create_argv(
         "demo", config_path="c", kubeconfig_path="k", image=None, retain=True
     ) == ["kind", "create", "cluster", "--name", "demo", "--config", "c", "--kubeconfig", "k",
           "--retain"]  # fmt: skip
-    assert kind.get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
-    assert kind.get_clusters_argv() == ["kind", "get", "clusters"]
-    assert kind.delete_argv("demo") == [
+    assert get_kubeconfig_argv("demo") == ["kind", "get", "kubeconfig", "--name", "demo"]
+    assert get_clusters_argv() == ["kind", "get", "clusters"]
+    assert delete_argv("demo") == [
         "kind", "delete", "cluster", "--name", "demo", "--kubeconfig", "/kipik/demo/kubeconfig"
     ]  # fmt: skip
-    assert kind.ClusterPaths.for_cluster("demo") == kind.ClusterPaths(
+    assert ClusterPaths.for_cluster("demo") == ClusterPaths(
         config="/kipik/demo/kind-config.yaml", kubeconfig="/kipik/demo/kubeconfig"
     )
 
@@ -261,7 +277,7 @@ def test_kind_create_timeout_reports_kinds_partial_output_and_the_daemon_log() -
     host = _TimingOutHost()
     config = kind.build_config(None, name="demo", cert_sans=[])
     with pytest.raises(KindError) as info:
-        kind.KindDriver(host).create(config, image=None, timeout=7, retain=False)  # type: ignore[arg-type]
+        KindDriver(host).create(config, image=None, timeout=7, retain=False)  # type: ignore[arg-type]
     text = str(info.value)
     assert text.startswith("kind failed to create cluster 'demo' (did not finish within 7s): ")
     assert "✓ Ensuring node image" in text

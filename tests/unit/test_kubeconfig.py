@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_kipik import kubeconfig
 from pytest_kipik.errors import KipikError
+from pytest_kipik.k8s import kubeconfig
 
 REFERENCE = Path(__file__).parents[1] / "reference"  # recordings of real kind v0.32.0
 KIND_KUBECONFIG = """\

@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from pytest_kipik import labels
-from pytest_kipik.errors import ReadinessTimeout
+from pytest_kipik.errors import WaitTimeout
 from pytest_kipik.waiting import NotYet, wait_until
 
 
@@ -94,7 +94,7 @@ def test_wait_until_reports_what_it_awaited_and_the_last_state() -> None:
         attempts.append(1)
         raise NotYet(f"state {len(attempts)}")
 
-    with pytest.raises(ReadinessTimeout) as info:
+    with pytest.raises(WaitTimeout) as info:
         wait_until(check, what="the thing", timeout=0.05, hint="look there", interval=0.01)
     assert str(info.value).startswith("timed out after 0s waiting for the thing\n")
     assert f"  last state seen: state {len(attempts)}\n" in str(info.value)

@@ -4,9 +4,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pytest_kipik import pod_manifest
 from pytest_kipik.errors import ConfigError
-from pytest_kipik.image import inner_reference, split_reference
+from pytest_kipik.hosts import pod_manifest
+from pytest_kipik.hosts.transfer import inner_reference, split_reference
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 

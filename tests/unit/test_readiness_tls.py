@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from pytest_kipik import readiness
 from pytest_kipik.errors import ClusterUnusableError
-from pytest_kipik.tls import subject_alt_names
+from pytest_kipik.k8s import readiness
+from pytest_kipik.k8s.tls import subject_alt_names
 from pytest_kipik.waiting import NotYet
 
 

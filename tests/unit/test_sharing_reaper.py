@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kipik import labels, reaper
+from pytest_kipik import labels
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.hosts.base import Owned
-from pytest_kipik.reaper import Verdict, judge
-from pytest_kipik.sharing import KeptNotes, Lease, Record, Session, cluster_key
+from pytest_kipik.ops import reaper
+from pytest_kipik.ops.reaper import Verdict, judge
+from pytest_kipik.sharing.session import KeptNotes, Lease, Record, Session, cluster_key
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 HOST = "ci-1"

@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
-from pytest_kipik import diagnostics, kind, labels
+from pytest_kipik import labels
 from pytest_kipik.errors import ConfigError, ImageError
-from pytest_kipik.image import ArchiveImage, archive_images
-from pytest_kipik.manifests import _state, condition_holds, describe, load, ordered
+from pytest_kipik.hosts.transfer import ArchiveImage, archive_images
+from pytest_kipik.k8s import diagnostics
+from pytest_kipik.k8s.manifests import _state, condition_holds, describe, load, ordered
+from pytest_kipik.k8s.portforward import container_port, parse_target, pick_pod
+from pytest_kipik.kind.driver import get_kubeconfig_argv, load_argv, nodes_loaded
 from pytest_kipik.marker import ClusterSpec, marker_spec
-from pytest_kipik.portforward import container_port, parse_target, pick_pod
 
 DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}}
 NAMESPACE = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}
@@ -217,14 +219,12 @@ def test_nodes_loaded_from_kind_output() -> None:
         'Image: "app:1" with ID "sha256:1" not yet present on node "c-control-plane", loading...\n'
         'Image: "app:2" with ID "sha256:2" not yet present on node "c-worker", loading...\n'
     )
-    assert kind.nodes_loaded(output) == ["c-worker", "c-control-plane"]
+    assert nodes_loaded(output) == ["c-worker", "c-control-plane"]
     assert (
-        kind.nodes_loaded(
-            'Image: "app:1" with ID "sha256:1" found to be already present on all nodes.'
-        )
+        nodes_loaded('Image: "app:1" with ID "sha256:1" found to be already present on all nodes.')
         == []
     )
-    assert kind.load_argv("c", ["a:1", "b:2"]) == [
+    assert load_argv("c", ["a:1", "b:2"]) == [
         "kind",
         "load",
         "docker-image",
@@ -233,7 +233,7 @@ def test_nodes_loaded_from_kind_output() -> None:
         "--name",
         "c",
     ]
-    assert kind.get_kubeconfig_argv("c", internal=True)[-1] == "--internal"
+    assert get_kubeconfig_argv("c", internal=True)[-1] == "--internal"
 
 
 # -- namespaces, markers, diagnostics -------------------------------------------------------

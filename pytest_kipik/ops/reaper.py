@@ -16,7 +16,7 @@ from pytest_kipik import labels as lbl
 from pytest_kipik.errors import KipikError
 from pytest_kipik.hosts.base import Backend, Owned
 from pytest_kipik.progress import Reporter, phase
-from pytest_kipik.sharing import LEASE_PATH, Lease
+from pytest_kipik.sharing.session import LEASE_PATH, Lease
 
 #: Is process ``pid`` alive on this machine?
 PidAlive = Callable[[int], bool]

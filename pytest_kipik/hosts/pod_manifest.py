@@ -1,4 +1,7 @@
-"""The DinD pod of the pod backend, as plain data: built and merged purely, sent elsewhere."""
+"""The DinD pod of the pod backend, as plain data: built and merged purely, sent elsewhere.
+
+Only :func:`load_template` reads a file (the user's pod template).
+"""
 
 from __future__ import annotations
 

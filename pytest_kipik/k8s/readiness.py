@@ -16,8 +16,8 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from pytest_kipik.errors import ClusterUnusableError
-from pytest_kipik.tls import certificate_names
+from pytest_kipik.errors import ClusterUnusableError, option
+from pytest_kipik.k8s.tls import certificate_names
 from pytest_kipik.waiting import NotYet, wait_until
 
 _REQUEST_TIMEOUT = 5
@@ -128,13 +128,14 @@ def wait_ready(api: k8s_client.ApiClient, *, nodes: int, deadline: float) -> Non
         (
             "/readyz of the nested API server to answer ok",
             lambda: readyz(api),
-            "the API server may still be starting; a slow machine needs a longer --kipik-timeout",
+            "the API server may still be starting; a slow machine needs a longer "
+            f"{option('timeout')}",
         ),
         (
             f"all {nodes} node(s) to be Ready",
             lambda: nodes_ready(api, nodes),
             "nodes become Ready once the CNI runs: `kubectl describe nodes` with the kubeconfig, "
-            "or keep the cluster (--kipik-keep) and inspect it",
+            f"or keep the cluster ({option('keep')}) and inspect it",
         ),
         (
             "the default ServiceAccount in namespace default",

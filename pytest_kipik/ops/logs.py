@@ -11,9 +11,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from pytest_kipik import kind
 from pytest_kipik.errors import CommandError, KindError, KipikError
 from pytest_kipik.hosts.base import Host
+from pytest_kipik.kind import config as kind
 
 #: The inner daemon's log as written next to kind's logs.
 DAEMON_LOG_FILE = "dind-daemon.log"

@@ -23,15 +23,16 @@ from docker.types import Mount
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
-from pytest_kipik import kind
 from pytest_kipik import labels as lbl
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import KipikError
-from pytest_kipik.hosts import choose
-from pytest_kipik.hosts.base import INNER_ADDRESS_POOL, INNER_BRIDGE
-from pytest_kipik.hosts.docker import engine_location
-from pytest_kipik.hosts.pod import RBAC_EXAMPLE, PodBackend, local_outer_addresses
-from pytest_kipik.image import default_image_tag
+from pytest_kipik.hosts import engine
+from pytest_kipik.hosts.base import INNER_ADDRESS_POOL, INNER_BRIDGE, Backend
+from pytest_kipik.hosts.choice import Choice, choose, make_backend
+from pytest_kipik.hosts.engine import engine_location
+from pytest_kipik.hosts.outer import RBAC_EXAMPLE, OuterCluster, local_outer_addresses
+from pytest_kipik.hosts.transfer import default_image_tag
+from pytest_kipik.kind import config as kind
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GIB = 1024**3
@@ -397,7 +398,7 @@ def _first(facts: Mapping[str, Sequence[str]], key: str) -> str | None:
 
 def nested_ranges(config: KipikConfig) -> dict[str, str]:
     """The nested cluster's subnets and the inner daemon's, labelled."""
-    user = kind.load_user_config(config.kind_config) if config.kind_config else None
+    user = config.user_kind_config
     found = kind.subnets(user, config.pod_subnet, config.service_subnet)
     ranges = {f"nested {key}": value for key, value in found.items()}
     ranges["inner Docker bridge"] = str(ipaddress.ip_network(INNER_BRIDGE, strict=False))
@@ -554,7 +555,7 @@ def docker_checks(config: KipikConfig) -> list[Result]:
     """Engine, privileged container, cgroups, modules, inotify, disk and subnets."""
     location = engine_location()
     try:
-        client = docker.from_env(timeout=PROBE_TIMEOUT + 10)
+        client = engine.client(timeout=PROBE_TIMEOUT + 10)
         version = str(client.version().get("Version", "?"))
     except docker.errors.DockerException as exc:
         return [judge_engine(location, None, str(exc))]
@@ -596,7 +597,7 @@ def docker_checks(config: KipikConfig) -> list[Result]:
 POD_DATA_ROOT = "/var/lib/docker"
 
 
-def run_pod_probe(backend: PodBackend, image: str, prefix: str, timeout: float) -> Probe:
+def run_pod_probe(backend: Backend, image: str, prefix: str, timeout: float) -> Probe:
     """Start a real DinD pod (as a cluster's host), run the probe in it; always removed."""
     run_id = lbl.new_run_id()
     found = lbl.owner_labels(
@@ -651,20 +652,20 @@ def pod_checks(config: KipikConfig) -> list[Result]:
                 "image/ && docker push REGISTRY/kipik-dind:1; then --image=REGISTRY/kipik-dind:1",
             )
         )
-    backend = PodBackend(config, lambda line: None)
+    outer = OuterCluster(config)
     try:
         try:
-            api = backend.api
+            api = outer.api
         except KipikError as exc:
             return [*results, judge_outer_api("?", "no configuration", None, str(exc))]
         server = str(api.configuration.host)
-        source = backend.describe()
+        source = outer.describe()
         try:
             code: Any = k8s_client.VersionApi(api).get_code(_request_timeout=15)
         except Exception as exc:  # any failure here means: unreachable
             return [*results, judge_outer_api(server, source, None, str(exc).splitlines()[0])]
         results.append(judge_outer_api(server, source, str(code.git_version), None))
-        namespace = backend.namespace
+        namespace = outer.namespace
         allowed: dict[tuple[str, str], bool | None] = {}
         error = None
         try:
@@ -672,25 +673,29 @@ def pod_checks(config: KipikConfig) -> list[Result]:
                 allowed[(verb, resource)] = _review(api, namespace, verb, resource)
         except ApiException as exc:
             error = f"SelfSubjectAccessReview refused: HTTP {exc.status} {exc.reason}"
-        results.append(judge_access(namespace, allowed, direct=backend.direct, error=error))
+        results.append(judge_access(namespace, allowed, direct=outer.direct, error=error))
         if config.image:
-            probe = run_pod_probe(backend, config.image, config.name_prefix, config.timeout)
+            backend = make_backend(config, lambda line: None, Choice("pod", "doctor"))
+            try:
+                probe = run_pod_probe(backend, config.image, config.name_prefix, config.timeout)
+            finally:
+                backend.close()
             results.append(judge_pod_probe(config.image, probe.error, probe.exit_code))
             if probe.facts is not None:
                 results.extend(judge_facts(probe.facts, POD_DATA_ROOT))
-        outer = local_outer_addresses()
+        addresses = local_outer_addresses()
         host = urlsplit(server).hostname or ""
         if _network(host) is not None:
-            outer["the outer API server"] = host
+            addresses["the outer API server"] = host
         with contextlib.suppress(ApiException, OSError):  # only adds ranges to compare
-            pods: Any = backend.core.list_namespaced_pod(namespace, _request_timeout=15)
+            pods: Any = outer.core.list_namespaced_pod(namespace, _request_timeout=15)
             for pod in pods.items:
                 if pod.status.pod_ip:
-                    outer[f"outer pod {pod.metadata.name}"] = str(pod.status.pod_ip)
-        results.append(judge_overlap(nested_ranges(config), outer))
+                    addresses[f"outer pod {pod.metadata.name}"] = str(pod.status.pod_ip)
+        results.append(judge_overlap(nested_ranges(config), addresses))
         return results
     finally:
-        backend.close()
+        outer.close()
 
 
 #: Runs the checks of one backend.

@@ -15,7 +15,7 @@ import docker.errors
 from filelock import FileLock
 
 from pytest_kipik import paths
-from pytest_kipik.errors import ImageError
+from pytest_kipik.errors import ImageError, option
 from pytest_kipik.progress import Reporter
 
 REPOSITORY = "pytest-kipik/dind"
@@ -111,13 +111,13 @@ def archive_images(path: Path) -> list[ArchiveImage]:
 
 def context_dir() -> Path:
     """The image build context: packaged in the wheel, or ``image/`` of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_image", here.parent / "image"):
+    package = Path(__file__).resolve().parents[1]  # pytest_kipik/
+    for candidate in (package / "_image", package.parent / "image"):
         if (candidate / "Dockerfile").is_file():
             return candidate
     raise ImageError(
         "pytest-kipik's image/ build context is missing from this installation; "
-        "reinstall pytest-kipik or pass --kipik-image"
+        f"reinstall pytest-kipik or pass {option('image')}"
     )
 
 
@@ -179,7 +179,7 @@ def ensure_default_image(
             raise ImageError(
                 f"building the default DinD image {tag} failed: {error}\n  last build output:\n"
                 + "\n".join(f"    {line}" for line in lines[-20:])
-                + "\n  Pass --kipik-image to use an image you built or pulled yourself."
+                + f"\n  Pass {option('image')} to use an image you built or pulled yourself."
             )
         report(f"kipik: built {tag}")
     return tag

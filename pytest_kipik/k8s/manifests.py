@@ -379,7 +379,7 @@ class Manifests:
 
         ``condition``: a status condition type (``"Available"``, ``"Ready=False"``), the word
         ``"deleted"`` (until it is gone; returns ``{}``), or a function of the object (a dict
-        as the API returns it). On timeout, ReadinessTimeout shows the last state seen.
+        as the API returns it). On timeout, WaitTimeout shows the last state seen.
         """
         resource = self.resource(api_version, kind, timeout=timeout)
         ns = (namespace or "default") if resource.namespaced else None

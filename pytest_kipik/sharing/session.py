@@ -1,8 +1,9 @@
-"""Sharing clusters: one session's workers, runs after one another (reuse), warm hosts.
+"""What the processes of a session (and later runs) leave for each other.
 
-Pure parts: the :class:`Session` identity handed from the process that owns a session to its
-workers, the key of a cluster configuration, the hand-off and reuse records and the lease a
-kept host carries. The flows that use them live in :mod:`pytest_kipik.cluster`.
+The :class:`Session` identity handed from the process that owns a session to its workers, the
+key of a cluster configuration (pure), the hand-off and reuse records and the lease a kept
+host carries (small files), the warm-host slots (file locks) and the notes of kept clusters.
+The flows that use them live in :mod:`pytest_kipik.sharing.flows`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Talking to a nested cluster: manifests, port-forwards, readiness, kubeconfigs, TLS, reports."""

@@ -1,0 +1,1 @@
+"""Operations: finding and removing leftovers (reaper), checking a machine (doctor), logs."""

@@ -1,0 +1,1 @@
+"""Sharing clusters: between xdist workers, runs after one another (reuse), warm hosts."""
