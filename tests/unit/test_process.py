@@ -103,7 +103,7 @@ def test_run_in_timeout_carries_the_output_seen_so_far() -> None:
     with pytest.raises(CommandTimeout) as info:
         run_in(["docker", "exec", "h"], ["kind", "create"], runner, timeout=0.3)
     release.set()
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 8  # the runner would have held it 10 s
     assert (info.value.stdout, info.value.stderr) == ("partial out\n", "Creating cluster ...\n")
     assert str(info.value).startswith(
         "command did not finish within 0s: docker exec h kind create\n"
