@@ -474,6 +474,9 @@ def _pytest(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: a run started in the background by a non-interactive shell
+        # passes SIGINT on ignored, and Ctrl-C would never arrive
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     try:
         yield proc

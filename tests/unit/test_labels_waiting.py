@@ -1,6 +1,7 @@
 import datetime as dt
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -109,6 +110,25 @@ def test_wait_until_lets_other_errors_through() -> None:
         wait_until(check, what="x", timeout=5, hint="h")
 
 
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM as a terminal's pytest has them; the inherited ones come back after.
+
+    A job a non-interactive shell starts in the background inherits SIGINT ignored.
+    """
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+@pytest.mark.usefixtures("interruptible")
 def test_sigterm_becomes_an_interrupt_once_then_is_ignored() -> None:
     import os
     import signal
@@ -140,6 +160,7 @@ def test_an_existing_sigterm_handler_is_left_alone() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.usefixtures("interruptible")
 def test_interrupts_wait_until_cleanup_is_done() -> None:
     import os
     import signal
