@@ -30,7 +30,7 @@ def main() -> int:
     parser = bench_arguments(__doc__)
     parser.add_argument("--count", type=int, default=3, help="connected clusters (default 3)")
     args = parser.parse_args()
-    config = KipikConfig(image=args.image, node_image=args.node_image, timeout=600)
+    config = KipikConfig(image=args.image, node_image=args.node_image, timeout=600, snapshots=False)
     times: dict[str, list[float]] = {"one": [], "connected": []}
     for round_ in range(args.rounds):
         for what in ("one", "connected"):

@@ -18,10 +18,9 @@ import statistics
 import tempfile
 import time
 
-from pytest_kipik.sharing.session import Session, WarmSlot
-
 from pytest_kipik import ClusterFactory, KipikConfig
 from pytest_kipik.hosts.docker import DockerBackend
+from pytest_kipik.sharing.session import Session, WarmSlot
 
 
 def session_ready(config: KipikConfig, lines: list[str], slot: int | None = None) -> float:
@@ -50,7 +49,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kipik-bench-") as home:
         os.environ["XDG_STATE_HOME"] = f"{home}/state"
         os.environ["XDG_CACHE_HOME"] = f"{home}/cache"
-        base = KipikConfig(image=args.image, node_image=args.node_image, timeout=300)
+        base = KipikConfig(
+            image=args.image, node_image=args.node_image, timeout=300, snapshots=False
+        )
         warm = dataclasses.replace(base, warm=True)
         reuse = dataclasses.replace(base, reuse=True)
         slot = WarmSlot.acquire(base.name_prefix)

@@ -46,7 +46,9 @@ def main() -> int:
     ):
         namespace, account = real_outer.rbac_namespace(outer, "kipik-bench")
         configs = {
-            "docker": KipikConfig(image=args.image, node_image=args.node_image, timeout=600),
+            "docker": KipikConfig(
+                image=args.image, node_image=args.node_image, timeout=600, snapshots=False
+            ),
             "pod": KipikConfig(
                 backend="pod",
                 image=args.image,

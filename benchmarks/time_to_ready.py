@@ -103,7 +103,9 @@ def by_hand(image: str, node_image: str, workdir: Path) -> dict[str, float]:
 
 def with_kipik(image: str, node_image: str) -> dict[str, float]:
     """The phases kipik reports in its progress lines (docker backend)."""
-    return phase_times(KipikConfig(image=image, node_image=node_image, timeout=600))
+    return phase_times(
+        KipikConfig(image=image, node_image=node_image, timeout=600, snapshots=False)
+    )
 
 
 def phase_times(config: KipikConfig) -> dict[str, float]:

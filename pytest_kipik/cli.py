@@ -219,8 +219,10 @@ class FoundCluster:
 
     @property
     def kind(self) -> str:
-        """``kept``, ``reused``, ``warm`` or ``session``."""
+        """``snapshot``, ``kept``, ``reused``, ``warm`` or ``session``."""
         found = self.labels
+        if found.get(lbl.SNAPSHOT_KEY):
+            return "snapshot"
         if found.get(lbl.KEEP):
             return "kept"
         if found.get(lbl.REUSE_KEY):
@@ -238,12 +240,15 @@ def kubeconfig_of(name: str) -> Path:
 def find_clusters(backend: Backend) -> dict[str, FoundCluster]:
     """The clusters on the backend, by name (resources without a cluster label by their own).
 
-    A warm host's label names the first cluster made in it; each run makes a fresh one, so a
-    running warm host is named by the kind cluster it holds now.
+    Snapshots are listed by their volume's name. A warm host's label names the first cluster
+    made in it; each run makes a fresh one, so a running warm host is named by the kind
+    cluster it holds now.
     """
     found: dict[str, FoundCluster] = {}
     for resource in backend.list_owned():
         name = resource.labels.get(lbl.CLUSTER) or resource.name
+        if lbl.SNAPSHOT_KEY in resource.labels:  # a snapshot is listed by its own name
+            name = resource.name
         found.setdefault(name, FoundCluster(name)).resources.append(resource)
     for label_name, cluster in list(found.items()):
         if cluster.kind == "warm":
@@ -315,7 +320,9 @@ def describe_cluster(backend: Backend, cluster: FoundCluster) -> dict[str, Any]:
         "name": cluster.name,
         "backend": backend.name,
         "host": cluster.host.name if cluster.host else "-",
-        "status": "running" if host is not None else ("stopped" if cluster.host else "gone"),
+        "status": "saved"
+        if cluster.kind == "snapshot"
+        else ("running" if host is not None else ("stopped" if cluster.host else "gone")),
         "kind": cluster.kind,
         "created": _shown_time(cluster.labels.get(lbl.CREATED_AT)),
         "expires": _shown_time(expires),

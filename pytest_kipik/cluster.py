@@ -50,8 +50,11 @@ class NestedCluster:
         owned: bool = True,
         hold: Hold | None = None,
         status: str = "created",
+        kind_name: str | None = None,
     ) -> None:
         self.name = name
+        #: The kind cluster's own name in the host (a restored copy keeps its snapshot's).
+        self.kind_name = kind_name or name
         self.kubeconfig_path = kubeconfig_path
         self.server = server
         self.host = host
@@ -59,7 +62,8 @@ class NestedCluster:
         self.keep = keep
         #: Whether :meth:`close` removes the host (not for a cluster another process removes).
         self.owned = owned
-        #: ``created``, ``attached`` (another worker's), ``reused`` (an earlier run's) or ``warm``.
+        #: ``created``, ``restored`` (from a snapshot), ``attached`` (another worker's),
+        #: ``reused`` (an earlier run's) or ``warm``.
         self.status = status
         self.hold = hold
         #: The clusters sharing this one's host (see :meth:`ClusterFactory.create_connected`).
@@ -221,7 +225,7 @@ class NestedCluster:
                 loads.append(self._load_engine_image(str(image), left))
         references = list(dict.fromkeys(load.reference for load in loads))
         nodes = KindDriver(self.host).load(
-            self.name, references, timeout=max(deadline - time.monotonic(), 1.0)
+            self.kind_name, references, timeout=max(deadline - time.monotonic(), 1.0)
         )
         return [dataclasses.replace(load, nodes=tuple(nodes)) for load in loads]
 
@@ -261,7 +265,7 @@ class NestedCluster:
         """
         path = self.kubeconfig_path.parent / "kubeconfig-internal"
         if not path.exists():
-            raw = KindDriver(self.host).kubeconfig(self.name, internal=True)
+            raw = KindDriver(self.host).kubeconfig(self.kind_name, internal=True)
             kubeconfig.write_private(path, kubeconfig.dump(kubeconfig.parse(raw)))
         return path
 
@@ -294,7 +298,7 @@ class NestedCluster:
             if self.share is None or self.share.last(self.name):
                 self.host.remove()
             elif not self.share.dissolving:  # the others keep the host
-                KindDriver(self.host).delete(self.name)
+                KindDriver(self.host).delete(self.kind_name)
             shutil.rmtree(self.kubeconfig_path.parent, ignore_errors=True)
             if self.share is not None:
                 self.share.leave(self.name)

@@ -282,6 +282,15 @@ class KipikConfig:
         lambda text, _base: parse_bool(text),
         flag=True,
     )
+    snapshots: bool = setting(
+        "yes",
+        "docker backend: save the first cluster of each configuration once it is ready (after "
+        "the pytest_kipik_cluster_setup hook) and restore every later one from that snapshot "
+        "instead of creating it: in this session, other xdist workers and later runs within the "
+        "ttl. no: always create. The pod backend always creates",
+        lambda text, _base: parse_bool(text),
+        metavar="yes|no",
+    )
     ttl: float = setting(
         "4h",
         "lifetime of what kipik makes without a live owner: the expires-at label, the lease of "

@@ -11,24 +11,28 @@ the cluster ready, the session's extra images loaded. Whatever a failed step lea
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from filelock import FileLock, Timeout
+
 from pytest_kipik import labels, paths
 from pytest_kipik.cluster import HostShare, NestedCluster
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import ConfigError, KipikError
-from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod
+from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, SnapshotStore, in_pod
 from pytest_kipik.hosts.choice import make_backend
+from pytest_kipik.hosts.snapshots import COPY_TIMEOUT, Meta
 from pytest_kipik.k8s import kubeconfig, readiness
 from pytest_kipik.kind import config as kind
 from pytest_kipik.kind.driver import KindDriver
@@ -39,6 +43,9 @@ from pytest_kipik.sharing.holds import request_owner_hold
 from pytest_kipik.sharing.session import LEASE_PATH, KeptNotes, Lease, Session, cluster_key
 from pytest_kipik.signals import deferred_interrupts
 from pytest_kipik.waiting import NotYet, wait_until
+
+#: How long a restored cluster may take to be ready before it is created instead.
+RESTORE_READY_BOUND = 180.0
 
 
 @dataclass
@@ -76,6 +83,8 @@ class ClusterFactory:
     line per phase, and kind's own progress lines when ``verbose``. ``session`` says who owns
     the session and where its workers meet (default: a session owned by this process).
     ``keep_failures=False`` removes a cluster that failed half-way even with ``keep``.
+    ``setup`` runs on every new cluster before it is saved as its configuration's snapshot
+    (``setup_key`` says what it does; a different one makes a different snapshot).
     """
 
     def __init__(
@@ -89,8 +98,14 @@ class ClusterFactory:
         verbose: bool = False,
         session: Session | None = None,
         keep_failures: bool = True,
+        setup: Callable[[NestedCluster], None] | None = None,
+        setup_key: str = "",
     ) -> None:
         self.config = config
+        #: Run on each new (not restored) cluster before it is saved as a snapshot.
+        self.setup = setup
+        #: What ``setup`` does (its source's hash): part of the snapshot key.
+        self.setup_key = setup_key
         #: With ``keep``: whether a cluster that failed half-way is kept to be looked at.
         self.keep_failures = config.keep and keep_failures
         self.report = report
@@ -214,7 +229,16 @@ class ClusterFactory:
     def provision(
         self, names: Sequence[str], shape: Shape, plan: Plan, deadline: float
     ) -> list[NestedCluster]:
-        """One host, and in it one ready kind cluster per name (made at the same time)."""
+        """One host, and in it one ready kind cluster per name (made at the same time).
+
+        With snapshots, a single cluster is restored from its configuration's snapshot when
+        there is one; a new one runs the setup hook and is saved.
+        """
+        store, key = self._snapshots_for(names, shape, plan)
+        if store is not None and key is not None:
+            restored = self._restored(names[0], shape, plan, deadline, store=store, key=key)
+            if restored is not None:
+                return [restored]
         with contextlib.ExitStack() as undo:
             build = _Build(names, shape, plan, deadline, undo)
             build.ports = [kind.API_SERVER_PORT + i for i in range(len(names))]
@@ -223,6 +247,9 @@ class ClusterFactory:
             self._node_images_in(build)
             clusters = self._clusters_made(build)
             self._extra_images_loaded(build, clusters)
+            self._set_up(clusters)
+            if store is not None and key is not None:
+                self._saved(clusters[0], store, key)
             undo.pop_all()
         return clusters
 
@@ -249,15 +276,22 @@ class ClusterFactory:
             if build.host is not None:
                 build.status = "warm"
                 return
-        host = self._new_host(first, plan, build.ports)
-        with phase(self.report, first, "DinD up"):
+        self._started(build, self._new_host(first, plan, build.ports), "DinD up")
+
+    def _started(self, build: _Build, host: Host, step: str, *, keep: bool = True) -> None:
+        """Start ``host``, hold it and wait for its inner daemon.
+
+        A later failure removes it (or keeps it, with ``keep`` and the session's keep).
+        """
+        plan, first = build.plan, build.first
+        with phase(self.report, first, step):
             try:
                 host.start()
             except BaseException:  # a half-started host is never kept
                 self._remove_quietly(host)
                 raise
         build.host = host
-        if self.keep_failures:
+        if self.keep_failures and keep:
             build.undo.callback(self._kept_after_failure, first, host)
         else:
             build.undo.callback(self._remove_quietly, host)
@@ -336,12 +370,20 @@ class ClusterFactory:
         return cluster
 
     def _kubeconfig_written(
-        self, build: _Build, driver: KindDriver, name: str, port: int, nodes: int
+        self,
+        build: _Build,
+        driver: KindDriver,
+        name: str,
+        port: int,
+        nodes: int,
+        *,
+        kind_name: str | None = None,
+        tls_server_name: str | None = None,
     ) -> NestedCluster:
         """Kind's kubeconfig with the address this process reaches the API server at (0600)."""
         assert build.host is not None
         endpoint = build.host.api_endpoint(port)
-        raw = kubeconfig.parse(driver.kubeconfig(name))
+        raw = kubeconfig.parse(driver.kubeconfig(kind_name or name))
         reported = kubeconfig.server_of(raw)
         if urlsplit(reported).port != port:
             raise KipikError(
@@ -352,9 +394,8 @@ class ClusterFactory:
         directory = build.plan.kubeconfig_dir or self._kubeconfig_dir(name)
         if not self.keep_failures and build.plan.reuse_key is None:
             build.undo.callback(shutil.rmtree, directory, True)
-        path = kubeconfig.write_private(
-            directory / "kubeconfig", kubeconfig.dump(kubeconfig.with_server(raw, endpoint.url))
-        )
+        rewritten = kubeconfig.with_server(raw, endpoint.url, tls_server_name=tls_server_name)
+        path = kubeconfig.write_private(directory / "kubeconfig", kubeconfig.dump(rewritten))
         return NestedCluster(
             name=name,
             kubeconfig_path=path,
@@ -365,6 +406,7 @@ class ClusterFactory:
             owned=build.plan.owned,
             hold=build.hold if name == build.first else None,
             status=build.status,
+            kind_name=kind_name,
         )
 
     def _extra_images_loaded(self, build: _Build, clusters: Sequence[NestedCluster]) -> None:
@@ -374,6 +416,142 @@ class ClusterFactory:
             for cluster in clusters:
                 with phase(self.report, cluster.name, f"{len(images)} image(s) loaded"):
                     cluster.load_image(*images, timeout=build.left())
+
+    def _set_up(self, clusters: Sequence[NestedCluster]) -> None:
+        """Run the setup hook (``pytest_kipik_cluster_setup``) on each new cluster."""
+        if self.setup is not None:
+            for cluster in clusters:
+                with phase(self.report, cluster.name, "setup hook"):
+                    self.setup(cluster)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def _snapshots_for(
+        self, names: Sequence[str], shape: Shape, plan: Plan
+    ) -> tuple[SnapshotStore | None, str | None]:
+        """Where this cluster's snapshot lives and its key; (None, None): no snapshots here."""
+        if not self.config.snapshots or plan.reuse_key is not None or plan.warm_slot is not None:
+            return None, None
+        store = self.backend.snapshots(self.config.name_prefix)
+        if store is None:
+            return None, None
+        if len(names) > 1:
+            self.report(
+                f"kipik {names[0]}: connected clusters are created, not restored (they reach "
+                "each other by node names, which a snapshot's copy cannot change)"
+            )
+            return None, None
+        base = cluster_key(
+            self.config,
+            backend=self.backend.name,
+            user_config=shape.user_config,
+            nodes=shape.nodes,
+            node_image=shape.node_image,
+        )
+        images = kind.node_images(shape.user_config, shape.node_image)
+        return store, store.key(f"{base}:{self.setup_key}", images)
+
+    def _restored(
+        self,
+        name: str,
+        shape: Shape,
+        plan: Plan,
+        deadline: float,
+        *,
+        store: SnapshotStore,
+        key: str,
+    ) -> NestedCluster | None:
+        """A cluster restored from ``key``'s snapshot; None (with the reason said) to create it.
+
+        A snapshot that fails to restore is discarded, unless another process is still saving
+        it; the half-restored host is removed.
+        """
+        try:
+            snapshot = store.find(key)
+        except KipikError as exc:
+            self.report(f"kipik {name}: {exc}; creating the cluster")
+            return None
+        if snapshot is None:
+            return None
+        restored_at = dt.datetime.now(dt.timezone.utc)
+        bound = min(deadline, time.monotonic() + RESTORE_READY_BOUND)
+        try:
+            with contextlib.ExitStack() as undo:
+                build = _Build([name], shape, plan, bound, undo)
+                build.ports = [kind.API_SERVER_PORT]
+                build.status = "restored"
+                host = self._new_host(name, plan, build.ports)
+                saved = store.prepare(host, snapshot)
+                self._started(build, host, f"DinD up from snapshot {snapshot.volume}", keep=False)
+                meta = saved()
+                if meta.ports != build.ports or len(meta.clusters) != 1:
+                    raise KipikError(f"it saved {len(meta.clusters)} cluster(s) on {meta.ports}")
+                with phase(self.report, name, f"{meta.nodes} node(s) started"):
+                    store.start_nodes(host)
+                with phase(self.report, name, "kubeconfig + readiness"):
+                    cluster = self._kubeconfig_written(
+                        build,
+                        KindDriver(host),
+                        name,
+                        build.ports[0],
+                        meta.nodes,
+                        kind_name=meta.clusters[0],
+                        tls_server_name=kubeconfig.STABLE_SERVER_NAME,
+                    )
+                    undo.callback(cluster.close_client)
+                    readiness.wait_ready(
+                        cluster.api_client,
+                        nodes=cluster.nodes,
+                        deadline=bound,
+                        restored_at=restored_at,
+                    )
+                build.deadline = deadline
+                self._extra_images_loaded(build, [cluster])
+                undo.pop_all()
+        except (KipikError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            self.report(
+                f"kipik {name}: restoring from snapshot {snapshot.volume} failed ({reason}); "
+                "creating the cluster instead"
+            )
+            if not store.being_saved(snapshot):
+                with contextlib.suppress(KipikError):
+                    store.discard(snapshot)
+            return None
+        return cluster
+
+    def _saved(self, cluster: NestedCluster, store: SnapshotStore, key: str) -> None:
+        """Save ``cluster`` as the snapshot of ``key`` (unless there is one); never fails."""
+        lock = paths.private_dir(paths.cache_home(), "locks") / f"snapshot-{key[:32]}.lock"
+        try:
+            with FileLock(lock, timeout=COPY_TIMEOUT + 60):
+                if store.find(key) is None:  # else another process saved it meanwhile
+                    self._save(cluster, store, key)
+        except (KipikError, Timeout) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            self.report(f"kipik {cluster.name}: no snapshot ({reason}); later ones are created")
+
+    def _save(self, cluster: NestedCluster, store: SnapshotStore, key: str) -> None:
+        found = {
+            **labels.owner_labels(
+                run_id=self.run_id,
+                cluster=cluster.kind_name,
+                role="snapshot",
+                worker=self.worker,
+                keep=False,
+                ttl=self.config.ttl,
+                owner_pid=self.session.owner_pid,
+            ),
+            labels.SNAPSHOT_KEY: key[:63],
+        }
+        meta = Meta(
+            clusters=[cluster.kind_name],
+            ports=[kind.API_SERVER_PORT],
+            nodes=cluster.nodes,
+            created_at=labels.timestamp(),
+        )
+        with phase(self.report, cluster.name, "snapshot saved"):
+            store.take(cluster.host, key, meta, found)
 
     # -- helpers of the steps --------------------------------------------------------------
 
@@ -528,6 +706,19 @@ class ClusterFactory:
             self.report(f"kipik {host.name}: {exc}")
 
     # -- tearing down ----------------------------------------------------------------------
+
+    def remove(self, cluster: NestedCluster) -> None:
+        """Remove one cluster this factory made now (kept ones are listed instead)."""
+        if cluster not in self.clusters:
+            return
+        if cluster.keep:
+            self.report(cluster.how_to_reach())
+            self._told_kept(cluster.host, cluster)
+            cluster.close()
+        else:
+            with deferred_interrupts(), phase(self.report, cluster.name, "teardown"):
+                cluster.close()
+        self.clusters.remove(cluster)
 
     def close(self) -> list[Exception]:
         """Remove every cluster (kept ones are listed instead); returns teardown problems.

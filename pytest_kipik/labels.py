@@ -24,8 +24,10 @@ EXPIRES_AT = PREFIX + "expires-at"
 REUSE_KEY = PREFIX + "reuse-key"
 #: A warm DinD host kept between runs: its slot number.
 WARM_SLOT = PREFIX + "warm-slot"
+#: On a snapshot volume: the configuration it saves (see :mod:`pytest_kipik.hosts.snapshots`).
+SNAPSHOT_KEY = PREFIX + "snapshot-key"
 #: Resources with one of these labels outlive their session on purpose, until their lease ends.
-LEASED = (KEEP, REUSE_KEY, WARM_SLOT)
+LEASED = (KEEP, REUSE_KEY, WARM_SLOT, SNAPSHOT_KEY)
 
 #: Kubernetes label values: at most 63 characters, alphanumeric at both ends, ``-_.`` inside.
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")

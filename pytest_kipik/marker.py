@@ -1,4 +1,4 @@
-"""``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=...)``: a cluster per configuration.
+"""``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=..., fresh=...)``: clusters per mark.
 
 A marker's arguments in, a hashable :class:`ClusterSpec` out (the session-scoped
 ``nested_cluster`` fixture is parametrized with it, so pytest keeps one value per spec); a
@@ -27,6 +27,8 @@ class ClusterSpec:
     #: A kind config file's path, or a kind config given as a mapping (as YAML text).
     kind_config: str | None = None
     kind_config_is_text: bool = False
+    #: With ``fresh``: the node id of the module, class or test that gets its own cluster.
+    fresh_for: str | None = None
 
     @property
     def id(self) -> str:
@@ -38,23 +40,28 @@ class ClusterSpec:
             parts.append(self.node_image.rsplit("/", 1)[-1])
         if self.kind_config:
             parts.append("config" if self.kind_config_is_text else Path(self.kind_config).stem)
+        if self.fresh_for is not None:
+            parts.append("fresh-" + self.fresh_for.rsplit("/", 1)[-1].replace("::", "-"))
         return "-".join(parts)
 
     def arguments(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`ClusterFactory.shared`."""
+        """Keyword arguments of :meth:`ClusterFactory.shared` (and ``create``)."""
         config: Any = self.kind_config
         if self.kind_config and self.kind_config_is_text:
             config = yaml.safe_load(self.kind_config)
         return {"nodes": self.nodes, "node_image": self.node_image, "kind_config": config}
 
 
-MARKER_ARGUMENTS = ("nodes", "node_image", "kind_config")
+MARKER_ARGUMENTS = ("nodes", "node_image", "kind_config", "fresh")
 
 
-def marker_spec(args: Sequence[Any], kwargs: Mapping[str, Any], base: Path) -> ClusterSpec:
+def marker_spec(
+    args: Sequence[Any], kwargs: Mapping[str, Any], base: Path, owner: str = ""
+) -> ClusterSpec:
     """The :class:`ClusterSpec` of a ``kipik`` marker's arguments (relative paths from ``base``).
 
-    Raises ConfigError naming what is wrong.
+    ``owner``: the node id of what the marker is on (a module, class or test), which gets its
+    own cluster with ``fresh=True``. Raises ConfigError naming what is wrong.
     """
     unknown = sorted(set(kwargs) - set(MARKER_ARGUMENTS))
     if args or unknown:
@@ -67,11 +74,16 @@ def marker_spec(args: Sequence[Any], kwargs: Mapping[str, Any], base: Path) -> C
         raise ConfigError(
             f"@pytest.mark.kipik(nodes=...) must be a whole number >= 1, not {nodes!r}"
         )
+    fresh = kwargs.get("fresh", False)
+    if not isinstance(fresh, bool):
+        raise ConfigError(f"@pytest.mark.kipik(fresh=...) must be True or False, not {fresh!r}")
+    fresh_for = owner if fresh else None
     found = kwargs.get("kind_config")
     if isinstance(found, Mapping):
-        return ClusterSpec(nodes, kwargs.get("node_image"), yaml.safe_dump(dict(found)), True)
+        text = yaml.safe_dump(dict(found))
+        return ClusterSpec(nodes, kwargs.get("node_image"), text, True, fresh_for)
     if found is not None:
         path = (base / Path(found)).resolve()
         kind.load_user_config(path)  # raises ConfigError naming the file and the problem
         found = str(path)
-    return ClusterSpec(nodes, kwargs.get("node_image"), found)
+    return ClusterSpec(nodes, kwargs.get("node_image"), found, fresh_for=fresh_for)

@@ -9,6 +9,8 @@ Everything that makes or removes clusters runs without pytest.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import os
 import secrets
 import warnings
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s_client
 
-from pytest_kipik import labels
+from pytest_kipik import hookspecs, labels
 from pytest_kipik.cluster import NestedCluster, NestedNamespace
 from pytest_kipik.config import SETTINGS, KipikConfig, resolve
 from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
@@ -45,6 +47,11 @@ HOLDS_KEY = pytest.StashKey[OwnerHolds]()
 #: The workerinput key that carries the owner's session to xdist workers.
 WORKER_SESSION = "kipik_session"
 PROGRESS_FILE = "progress.log"
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Offer ``pytest_kipik_cluster_setup`` (see :mod:`pytest_kipik.hookspecs`)."""
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -109,8 +116,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Resolve and validate the settings and choose the backend, before anything starts."""
     config.addinivalue_line(
         "markers",
-        "kipik(nodes=None, node_image=None, kind_config=None): the cluster nested_cluster gives "
-        "the tests of this module or class (one cluster per distinct configuration, shared)",
+        "kipik(nodes=None, node_image=None, kind_config=None, fresh=False): the cluster "
+        "nested_cluster gives the tests of this module or class (one cluster per distinct "
+        "configuration, shared; with fresh=True one of its own, removed after it)",
     )
     try:
         kipik = _resolve(config)
@@ -225,6 +233,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if choice.name == "pod":
         lines.append("kipik pod: " + ", ".join(kipik.describe("pod")))
+        if kipik.snapshots:
+            lines.append("kipik: snapshots: off on the pod backend (every cluster is created)")
     else:
         lines.append(f"kipik: docker engine: {engine_location()}")
     if kipik.reuse:
@@ -268,11 +278,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests under ``@pytest.mark.kipik(...)`` get the cluster of that configuration."""
     if "nested_cluster" not in metafunc.fixturenames:
         return
-    marker = metafunc.definition.get_closest_marker("kipik")
-    if marker is None:
+    found = next(metafunc.definition.iter_markers_with_node("kipik"), None)
+    if found is None:
         return
+    owner, marker = found
     try:
-        spec = marker_spec(marker.args, marker.kwargs, metafunc.definition.path.parent)
+        spec = marker_spec(
+            marker.args, marker.kwargs, metafunc.definition.path.parent, owner.nodeid
+        )
     except ConfigError as exc:
         problem = f"pytest-kipik: {metafunc.definition.nodeid}: {exc}"
     else:
@@ -329,6 +342,7 @@ def nested_cluster_factory(
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
         verbose=int(config.getoption("verbose")) > 0,
         session=config.stash[SESSION_KEY],
+        **_setup_hook(config),
     )
     problem = None
     try:
@@ -346,6 +360,22 @@ def nested_cluster_factory(
         warnings.warn(pytest.PytestWarning(f"pytest-kipik teardown: {failure}"), stacklevel=1)
 
 
+def _setup_hook(config: pytest.Config) -> dict[str, Any]:
+    """The factory's ``setup`` (every ``pytest_kipik_cluster_setup``) and its ``setup_key``."""
+    caller = config.hook.pytest_kipik_cluster_setup
+    implementations = caller.get_hookimpls()
+    if not implementations:
+        return {}
+    sources = []
+    for implementation in implementations:
+        try:
+            sources.append(inspect.getsource(implementation.function))
+        except (OSError, TypeError):  # no source to read: its name stands for it
+            sources.append(f"{implementation.plugin_name}:{implementation.function.__qualname__}")
+    key = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+    return {"setup": lambda cluster: caller(cluster=cluster), "setup_key": key}
+
+
 def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> list[Exception]:
     """``kind export logs`` + the daemon log of every cluster this process made; never raises."""
     problems: list[Exception] = []
@@ -353,7 +383,9 @@ def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> 
         if cluster.status == "attached":
             continue  # the process that made it exports its logs
         try:
-            path = logs.export_logs(cluster.host, cluster.name, directory, timeout=120)
+            path = logs.export_logs(
+                cluster.host, cluster.name, directory, timeout=120, kind_name=cluster.kind_name
+            )
         except Exception as exc:  # the next cluster's logs still get written
             problems.append(KipikError(f"logs of {cluster.name} not exported: {exc}"))
         else:
@@ -364,20 +396,30 @@ def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> 
 @pytest.fixture(scope="session")
 def nested_cluster(
     request: pytest.FixtureRequest, nested_cluster_factory: ClusterFactory
-) -> NestedCluster:
+) -> Iterator[NestedCluster]:
     """A ready nested kind cluster shared by the whole session (all xdist workers share one).
 
     Has ``name``, ``kubeconfig_path``, ``server``, ``api_client``, ``core_v1``, ``apply()``,
     ``delete()``, ``wait_for()``, ``port_forward()``, ``load_image()``, ``kubectl()`` and
     ``helm()``. Configure it with the ``--kipik-*`` options, or per module or class with
-    ``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=...)``; ``--kipik-reuse`` keeps
-    it for the next run, ``--kipik-warm`` makes it in a DinD host kept between runs.
+    ``@pytest.mark.kipik(nodes=..., node_image=..., kind_config=...)``; with ``fresh=True``
+    the marked module, class or test gets a pristine cluster of its own (restored from the
+    configuration's snapshot), removed after it. ``--kipik-reuse`` keeps it for the next run,
+    ``--kipik-warm`` makes it in a DinD host kept between runs.
     """
     spec: ClusterSpec = getattr(request, "param", ClusterSpec())
     try:
-        return nested_cluster_factory.shared(**spec.arguments())
+        if spec.fresh_for is None:
+            cluster = nested_cluster_factory.shared(**spec.arguments())
+        else:  # restored from the configuration's snapshot when there is one
+            cluster = nested_cluster_factory.create(**spec.arguments())
     except KipikError as exc:
         problem = f"pytest-kipik could not create the nested cluster:\n{exc}"
+    else:
+        yield cluster
+        if spec.fresh_for is not None:
+            nested_cluster_factory.remove(cluster)
+        return
     pytest.fail(problem, pytrace=False)  # outside the except block: the error shows once
 
 

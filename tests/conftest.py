@@ -32,6 +32,10 @@ from pytest_kipik.waiting import NotYet, wait_until
 DIND_IMAGE = os.environ.get("KIPIK_E2E_IMAGE") or "kipik-test/dind:dev"
 NODE_IMAGE = os.environ.get("KIPIK_E2E_NODE_IMAGE") or "kipik.local/kind-node:v1.22.3"
 APP_IMAGE = "kipik-test/app:dev"
+#: Snapshots (on by default) are tested in tests/e2e/test_docker_snapshots.py; everywhere else a
+#: test's cluster is created, so that it leaves no 1.7 GB snapshot behind (those tests and the
+#: pytest sessions they start inherit this).
+os.environ["KIPIK_SNAPSHOTS"] = "no"
 #: The test app behind a NodePort Service, as the toolkit tests apply it.
 WEB = """
 apiVersion: apps/v1

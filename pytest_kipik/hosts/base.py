@@ -14,11 +14,14 @@ import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from pytest_kipik.errors import HostError
 from pytest_kipik.hosts.transfer import inner_reference
 from pytest_kipik.process import CommandResult
+
+if TYPE_CHECKING:
+    from pytest_kipik.hosts.snapshots import Meta, Snapshot
 
 #: Receives output lines of a running command as they come (e.g. kind's progress).
 OutputSink = Callable[[str], None]
@@ -350,6 +353,42 @@ class Backend(Protocol):
         """
         ...
 
+    def snapshots(self, prefix: str) -> SnapshotStore | None:
+        """Where this backend saves and restores snapshots; None when it has none."""
+        ...
+
     def close(self) -> None:
         """Release connections (hosts are removed by their clusters)."""
+        ...
+
+
+class SnapshotStore(Protocol):
+    """Saved clusters of a backend (see :mod:`pytest_kipik.hosts.snapshots`)."""
+
+    def key(self, base: str, node_images: Sequence[str]) -> str:
+        """The snapshot key of a configuration (``base``) with this DinD image and nodes."""
+        ...
+
+    def find(self, key: str) -> Snapshot | None:
+        """The snapshot of ``key``, if one exists."""
+        ...
+
+    def take(self, host: Host, key: str, meta: Meta, found: Mapping[str, str]) -> Snapshot:
+        """Save ``host``'s cluster(s) as the snapshot of ``key`` (labelled ``found``)."""
+        ...
+
+    def prepare(self, host: Host, snapshot: Snapshot) -> Callable[[], Meta]:
+        """Make ``host.start()`` start from ``snapshot``; the returned call gives its meta."""
+        ...
+
+    def start_nodes(self, host: Host) -> None:
+        """Start the kind nodes of a restored host."""
+        ...
+
+    def being_saved(self, snapshot: Snapshot) -> bool:
+        """Whether another process may still be writing ``snapshot``."""
+        ...
+
+    def discard(self, snapshot: Snapshot) -> None:
+        """Remove ``snapshot``."""
         ...

@@ -51,6 +51,7 @@ from pytest_kipik.hosts.engine import (
     local_image_id,
     owned_resources,
 )
+from pytest_kipik.hosts.snapshots import Snapshots
 from pytest_kipik.hosts.transfer import ensure_default_image
 from pytest_kipik.process import CommandResult, Output, run_in
 from pytest_kipik.progress import Reporter
@@ -136,6 +137,8 @@ class DockerHost:
         self.inner_ports = list(inner_ports)
         self.address = engine_address(client)
         self.container: Container | None = None
+        #: Fills the new container's data volume before it starts (a snapshot's copy), if set.
+        self.seed: Callable[[Container], None] | None = None
 
     @property
     def name(self) -> str:
@@ -185,21 +188,29 @@ class DockerHost:
         ]
         if modules:  # kind binds /lib/modules into its nodes (kube-proxy loads modules)
             mounts.append(Mount("/lib/modules", "/lib/modules", type="bind", read_only=True))
+        ports: Any = {f"{port}/tcp": (bind_ip, None) for port in self.inner_ports}  # any port
         try:
-            container: Container = self.client.containers.run(  # type: ignore[call-overload]
+            container: Container = self.client.containers.create(
                 self.image,
                 command=inner_dockerd_args(),
                 name=self._name,
                 hostname=self._name,
-                detach=True,
                 privileged=True,
                 labels=self.labels,
                 auto_remove=not lbl.leased(self.labels),
                 mounts=mounts,
-                ports={f"{port}/tcp": (bind_ip, None) for port in self.inner_ports},
+                ports=ports,
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageError(f"the DinD image {self.image!r} does not exist: {exc}") from None
+        try:
+            if self.seed is not None:
+                self.seed(container)
+            container.start()
+        except BaseException:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True, v=True)
+            raise
         return container
 
     def _refused(self, exc: docker.errors.APIError) -> KipikError:
@@ -578,6 +589,10 @@ class DockerBackend:
             pass
         except docker.errors.DockerException as exc:
             raise HostError(f"could not remove {resource}: {exc}") from None
+
+    def snapshots(self, prefix: str) -> Snapshots:
+        """Snapshots on this engine (volumes named after ``prefix``)."""
+        return Snapshots(self.client, self._image(), prefix)
 
     def close(self) -> None:
         """Close the engine connection."""

@@ -729,6 +729,10 @@ class PodBackend:
             raise HostError(f"{resource} is not a kipik pod: left alone")
         PodHost(self, name=resource.name, labels=resource.labels, inner_ports=[]).remove()
 
+    def snapshots(self, prefix: str) -> None:
+        """No snapshots on the pod backend (yet: see the README)."""
+        return None
+
     def close(self) -> None:
         """Close the clients."""
         self.outer.close()

@@ -40,15 +40,25 @@ def server_of(kubeconfig: Mapping[str, Any]) -> str:
     return str(kubeconfig["clusters"][0]["cluster"]["server"])
 
 
-def with_server(kubeconfig: Mapping[str, Any], server: str) -> dict[str, Any]:
+#: A name every kube-apiserver certificate carries (kubeadm always adds it): a restored copy
+#: of a cluster is verified by it at whatever address the copy is reached.
+STABLE_SERVER_NAME = "kubernetes"
+
+
+def with_server(
+    kubeconfig: Mapping[str, Any], server: str, *, tls_server_name: str | None = None
+) -> dict[str, Any]:
     """A copy of ``kubeconfig`` whose clusters all point at ``server``.
 
     kind writes exactly one cluster entry; its server (e.g. ``https://0.0.0.0:6443``) is only
-    valid inside the host, so it is replaced by an address the test process can reach.
+    valid inside the host, so it is replaced by an address the test process can reach. With
+    ``tls_server_name`` the certificate is verified by that name instead of the address.
     """
     rewritten = copy.deepcopy(dict(kubeconfig))
     for entry in rewritten["clusters"]:
         entry["cluster"]["server"] = server
+        if tls_server_name:
+            entry["cluster"]["tls-server-name"] = tls_server_name
     return rewritten
 
 

@@ -1,11 +1,15 @@
 """When is a nested cluster usable? /readyz ok, every node Ready, the default ServiceAccount.
 
+A cluster restored from a snapshot must also show that it runs again, not only what its copy
+remembers: its kubelets renewed their leases, and its kube-system pods started anew and are Ready.
+
 Waiting only helps with what time can fix (connection refused, 5xx, not yet Ready). A TLS
 verification failure or a 401/403 fails at once, with the real cause.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 import time
 from collections.abc import Callable
@@ -114,6 +118,107 @@ def nodes_ready(api: k8s_client.ApiClient, expected: int) -> None:
         raise NotYet(f"{len(nodes)}/{expected} nodes [{', '.join(states) or 'none'}]")
 
 
+def leases_renewed(api: k8s_client.ApiClient, expected: int, since: dt.datetime) -> None:
+    """Raise NotYet unless ``expected`` kubelets renewed their node lease at or after ``since``.
+
+    A restored cluster's nodes say Ready from before the copy; a lease renewed since the
+    restore shows each kubelet really runs again.
+    """
+    leases = (
+        k8s_client.CoordinationV1Api(api)
+        .list_namespaced_lease("kube-node-lease", _request_timeout=_REQUEST_TIMEOUT)
+        .items
+    )
+    fresh = [
+        lease
+        for lease in leases
+        if lease.spec is not None
+        and lease.spec.renew_time is not None
+        and lease.spec.renew_time >= since
+    ]
+    if len(fresh) < expected:
+        raise NotYet(f"{len(fresh)}/{expected} kubelets renewed their lease since the restore")
+
+
+def not_running_again(pods: list[Any], since: dt.datetime) -> list[str]:
+    """The names of ``pods`` (V1Pod) not running again since ``since``.
+
+    A pod runs again when each of its containers started since then and is Ready. Finished
+    pods are left out.
+    """
+    waiting = []
+    for pod in pods:
+        status = pod.status
+        if status is None or status.phase in ("Succeeded", "Failed"):
+            continue
+        containers = status.container_statuses or []
+        fresh = bool(containers) and all(
+            c.ready
+            and c.state is not None
+            and c.state.running is not None
+            and c.state.running.started_at is not None
+            and c.state.running.started_at >= since
+            for c in containers
+        )
+        if not fresh:
+            waiting.append(str(pod.metadata and pod.metadata.name))
+    return sorted(waiting)
+
+
+def stale_endpoints(pods: list[Any], slices: list[Any]) -> list[str]:
+    """Endpoints in ``slices`` (V1EndpointSlice) that do not show their pod as it runs now.
+
+    An endpoint of a pod in ``pods`` (V1Pod) is current when its address is the pod's IP and
+    it is ready exactly when the pod is. After a restore, pods run with new IPs, and Services
+    (kube-dns among them) reach them once the controllers caught up.
+    """
+    by_name = {pod.metadata.name: pod for pod in pods if pod.metadata is not None}
+    stale = []
+    for found in slices:
+        service = (found.metadata.labels or {}).get("kubernetes.io/service-name", "?")
+        for endpoint in found.endpoints or []:
+            ref = endpoint.target_ref
+            pod = by_name.get(ref.name) if ref is not None and ref.kind == "Pod" else None
+            if pod is None or pod.status is None:
+                continue
+            ready = any(
+                c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+            )
+            shown_ready = bool(endpoint.conditions and endpoint.conditions.ready)
+            if pod.status.pod_ip not in (endpoint.addresses or []) or shown_ready != ready:
+                stale.append(f"{service} -> {ref.name}")
+    return sorted(stale)
+
+
+def system_pods_running_again(api: k8s_client.ApiClient, since: dt.datetime) -> None:
+    """Raise NotYet unless the kube-system pods run again since ``since`` and are served.
+
+    Each pod's containers started since then and are Ready, and the kube-system Services
+    point at the pods as they run now.
+
+    A restored cluster's pods say Running and Ready from before the copy, while their
+    containers start anew with new IPs (CoreDNS among them: until kube-dns points at them,
+    DNS is refused). A container started since the restore and Ready shows the status is
+    current.
+    """
+    pods = (
+        k8s_client.CoreV1Api(api)
+        .list_namespaced_pod("kube-system", _request_timeout=_REQUEST_TIMEOUT)
+        .items
+    )
+    waiting = not_running_again(pods, since)
+    if waiting:
+        raise NotYet(f"not running again yet: {', '.join(waiting)}")
+    slices = (
+        k8s_client.DiscoveryV1Api(api)
+        .list_namespaced_endpoint_slice("kube-system", _request_timeout=_REQUEST_TIMEOUT)
+        .items
+    )
+    stale = stale_endpoints(pods, slices)
+    if stale:
+        raise NotYet(f"Services not pointing at their pods yet: {', '.join(stale)}")
+
+
 def default_service_account(api: k8s_client.ApiClient) -> None:
     """Raise NotYet unless the ``default`` ServiceAccount exists in ``default``."""
     k8s_client.CoreV1Api(api).read_namespaced_service_account(
@@ -121,10 +226,20 @@ def default_service_account(api: k8s_client.ApiClient) -> None:
     )
 
 
-def wait_ready(api: k8s_client.ApiClient, *, nodes: int, deadline: float) -> None:
-    """Wait for every readiness check in turn, each within what is left until ``deadline``."""
+def wait_ready(
+    api: k8s_client.ApiClient,
+    *,
+    nodes: int,
+    deadline: float,
+    restored_at: dt.datetime | None = None,
+) -> None:
+    """Wait for every readiness check in turn, each within what is left until ``deadline``.
+
+    ``restored_at``: when the cluster was restored from a snapshot (then its kubelets must
+    also have renewed their leases since).
+    """
     server = str(api.configuration.host)
-    checks = (
+    checks: list[tuple[str, Callable[[], None], str]] = [
         (
             "/readyz of the nested API server to answer ok",
             lambda: readyz(api),
@@ -142,7 +257,26 @@ def wait_ready(api: k8s_client.ApiClient, *, nodes: int, deadline: float) -> Non
             lambda: default_service_account(api),
             "the controller-manager creates it; check its pod in kube-system",
         ),
-    )
+    ]
+    if restored_at is not None:
+        since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
+        checks.append(
+            (
+                f"all {nodes} kubelet(s) to run again since the restore",
+                lambda: leases_renewed(api, nodes, since),
+                "a kubelet renews its node lease every 10 s once it runs; look at the node's "
+                "journal (kipik logs)",
+            )
+        )
+        checks.append(
+            (
+                "the kube-system pods (CoreDNS, the CNI, kube-proxy) to run again and be served",
+                lambda: system_pods_running_again(api, since),
+                "the kubelet restarts them after a restore, the controller-manager updates "
+                "their Services; `kubectl -n kube-system get pods,endpointslices` "
+                f"on a kept cluster ({option('keep')}) shows which one does not come back",
+            )
+        )
     for what, call, hint in checks:
         wait_until(
             _guard(server, call),

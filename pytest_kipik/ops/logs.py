@@ -26,9 +26,12 @@ def export_argv(directory: str, cluster: str) -> list[str]:
     return ["kind", "export", "logs", directory, "--name", cluster]
 
 
-def export_logs(host: Host, cluster_name: str, directory: Path, timeout: float) -> Path:
+def export_logs(
+    host: Host, cluster_name: str, directory: Path, timeout: float, kind_name: str | None = None
+) -> Path:
     """Write ``kind export logs`` of ``cluster_name`` and the DinD daemon log to a directory.
 
+    ``kind_name``: the kind cluster's name in the host, when it differs (a restored copy).
     The result is ``directory/<cluster_name>/`` (returned): kind's tree, as kind writes it, plus
     ``dind-daemon.log``. The temporary directory inside the host is removed again. Raises
     :class:`~pytest_kipik.errors.KindError` when kind fails (with its output and the daemon
@@ -45,7 +48,7 @@ def export_logs(host: Host, cluster_name: str, directory: Path, timeout: float) 
     inside = f"{kind.HOST_DIR}/logs-{cluster_name}-{time.time_ns()}"
     try:
         try:
-            host.exec(export_argv(inside, cluster_name), timeout=left()).check()
+            host.exec(export_argv(inside, kind_name or cluster_name), timeout=left()).check()
         except CommandError as exc:
             raise KindError(
                 f"export the logs of {cluster_name!r}", exc, host.daemon_log(50)

@@ -97,6 +97,7 @@ def attach(maker: Maker, record: Record, status: str, timeout: float) -> NestedC
         nodes=record.nodes,
         owned=False,
         status=status,
+        kind_name=record.kind_name or None,
     )
     try:
         readiness.wait_ready(
@@ -118,6 +119,7 @@ def record_of(cluster: NestedCluster, found: Mapping[str, str]) -> Record:
         server=cluster.server,
         kubeconfig=str(cluster.kubeconfig_path),
         nodes=cluster.nodes,
+        kind_name="" if cluster.kind_name == cluster.name else cluster.kind_name,
     )
 
 

@@ -29,7 +29,7 @@ from pytest_kipik.errors import KipikError
 #: Bumped when what kipik makes of the same settings changes (a kept cluster is then stale).
 KEY_VERSION = 1
 #: Settings that do not shape the cluster (left out of its key).
-NOT_SHAPING = ("timeout", "keep", "reuse", "warm", "ttl", "kind_config")
+NOT_SHAPING = ("timeout", "keep", "reuse", "warm", "snapshots", "ttl", "kind_config")
 #: Where a kept, reused or warm host carries its lease (read by ``kipik gc``).
 LEASE_PATH = "/kipik/lease.json"
 #: How many warm hosts one user may have per name prefix (one per concurrent session).
@@ -129,6 +129,7 @@ class Record:
     kubeconfig: str
     nodes: int
     extra: Mapping[str, str] = field(default_factory=dict)
+    kind_name: str = ""  # kind's name for it, when not ``name`` (a cluster from a snapshot)
 
     def dump(self) -> str:
         """JSON text."""

@@ -32,7 +32,9 @@ TIMEOUT = 900
 
 def _config(test_images: tuple[str, str], **extra: Any) -> KipikConfig:
     dind, node = test_images
-    return KipikConfig(image=dind, node_image=node, timeout=TIMEOUT, **extra)
+    return KipikConfig(
+        image=dind, node_image=node, timeout=TIMEOUT, snapshots=False, **extra
+    )  # created: snapshots are tested in test_docker_snapshots.py
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.docker
 
 def _config(test_images: tuple[str, str], **extra: object) -> KipikConfig:
     dind, node = test_images
-    return KipikConfig(image=dind, node_image=node, timeout=180, **extra)  # type: ignore[arg-type]
+    return KipikConfig(image=dind, node_image=node, timeout=180, snapshots=False, **extra)  # type: ignore[arg-type]
 
 
 def test_name_clash_is_an_error_and_leaves_the_other_resources_alone(

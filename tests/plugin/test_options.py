@@ -44,7 +44,7 @@ def test_header_shows_values_and_their_sources(
             "kind_config=- (default), timeout=120s (env), keep=True (cli), "
             "name_prefix=kipik (default), pod_subnet=100.96.0.0/16 (default), "
             "service_subnet=100.97.0.0/16 (default), reuse=False (default), "
-            "warm=False (default), ttl=14400s (default), "
+            "warm=False (default), snapshots=False (env), ttl=14400s (default), "
             "load_images=- (default), logs_dir=- (default)",
             "kipik: backend docker (auto: not running in a Kubernetes pod)",
             "kipik: docker engine: unix:///var/run/docker.sock "
@@ -142,7 +142,8 @@ def test_broken_kind_config_fails_fast_naming_file_and_problem(
     pytester.makepyfile(USES_CLUSTER)
     start = time.monotonic()
     result = pytester.runpytest_subprocess("--kipik-kind-config=kind.yaml")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # bounded with room for a busy machine: no cluster
+    assert "DinD up" not in result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         [f"*invalid kind_config from command-line option --kipik-kind-config: kind config file "

@@ -1,3 +1,4 @@
+import datetime as dt
 import ssl
 import subprocess
 from pathlib import Path
@@ -51,3 +52,95 @@ def test_guard_raises_the_permanent_error_itself() -> None:
 
     with pytest.raises(ClusterUnusableError, match="HTTP 401"):
         readiness._guard("https://x:1", refused)()
+
+
+def test_only_pods_started_since_the_restore_and_ready_count_as_running_again() -> None:
+    from kubernetes.client import (
+        V1ContainerState,
+        V1ContainerStateRunning,
+        V1ContainerStatus,
+        V1ObjectMeta,
+        V1Pod,
+        V1PodStatus,
+    )
+
+    since = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+
+    def pod(name: str, phase: str, *containers: tuple[int, bool] | None) -> V1Pod:
+        statuses = [
+            V1ContainerStatus(
+                name=f"c{i}",
+                image="i",
+                image_id="",
+                restart_count=1,
+                ready=bool(c and c[1]),
+                state=V1ContainerState(
+                    running=None
+                    if c is None
+                    else V1ContainerStateRunning(started_at=since + dt.timedelta(seconds=c[0]))
+                ),
+            )
+            for i, c in enumerate(containers)
+        ]
+        return V1Pod(
+            metadata=V1ObjectMeta(name=name),
+            status=V1PodStatus(phase=phase, container_statuses=statuses),
+        )
+
+    pods = [
+        pod("coredns-a", "Running", (5, True)),  # started since, Ready
+        pod("coredns-b", "Running", (-60, True)),  # Ready as the copy remembers it
+        pod("kindnet", "Running", (3, False)),  # started, not Ready yet
+        pod("kube-proxy", "Running", (2, True), None),  # one container not running
+        pod("etcd", "Pending"),  # no container status yet
+        pod("job", "Succeeded", (-600, False)),  # finished: left out
+    ]
+    assert readiness.not_running_again(pods, since) == [
+        "coredns-b", "etcd", "kindnet", "kube-proxy"
+    ]  # fmt: skip
+    assert readiness.not_running_again(pods[:1] + pods[-1:], since) == []
+
+
+def test_service_endpoints_are_current_only_when_they_show_the_pods_new_ip_and_readiness() -> None:
+    from kubernetes.client import (
+        V1Endpoint,
+        V1EndpointConditions,
+        V1EndpointSlice,
+        V1ObjectMeta,
+        V1ObjectReference,
+        V1Pod,
+        V1PodCondition,
+        V1PodStatus,
+    )
+
+    def pod(name: str, ip: str, ready: bool) -> V1Pod:
+        condition = V1PodCondition(type="Ready", status="True" if ready else "False")
+        return V1Pod(
+            metadata=V1ObjectMeta(name=name),
+            status=V1PodStatus(pod_ip=ip, conditions=[condition]),
+        )
+
+    def endpoints(service: str, *shown: tuple[str, str, bool]) -> V1EndpointSlice:
+        return V1EndpointSlice(
+            address_type="IPv4",
+            metadata=V1ObjectMeta(labels={"kubernetes.io/service-name": service}),
+            endpoints=[
+                V1Endpoint(
+                    addresses=[address],
+                    conditions=V1EndpointConditions(ready=ready),
+                    target_ref=V1ObjectReference(kind="Pod", name=name),
+                )
+                for name, address, ready in shown
+            ],
+        )
+
+    pods = [pod("dns-a", "10.0.0.7", True), pod("dns-b", "10.0.0.8", False)]
+    current = endpoints("kube-dns", ("dns-a", "10.0.0.7", True), ("dns-b", "10.0.0.8", False))
+    assert readiness.stale_endpoints(pods, [current]) == []
+    before_the_copy = endpoints("kube-dns", ("dns-a", "10.0.0.3", True))  # the old IP
+    not_yet_ready = endpoints("kube-dns", ("dns-a", "10.0.0.7", False))
+    still_ready = endpoints("metrics", ("dns-b", "10.0.0.8", True))
+    of_a_gone_pod = endpoints("other", ("gone", "10.0.0.9", True))  # not ours to judge
+    assert readiness.stale_endpoints(
+        pods, [before_the_copy, not_yet_ready, still_ready, of_a_gone_pod]
+    ) == ["kube-dns -> dns-a", "kube-dns -> dns-a", "metrics -> dns-b"]

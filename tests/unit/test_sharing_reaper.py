@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def test_record_round_trips_and_unreadable_ones_are_none(tmp_path: Path) -> None
     record.write(path)
     assert Record.load(path) == record
     assert path.stat().st_mode & 0o777 == 0o600
+    restored = dataclasses.replace(record, kind_name="c-from-a-snapshot")
+    restored.write(path)
+    assert Record.load(path) == restored  # kind's own name of a restored cluster goes along
     (tmp_path / "bad.json").write_text("{not json")
     assert Record.load(tmp_path / "bad.json") is None
     assert Record.load(tmp_path / "missing.json") is None

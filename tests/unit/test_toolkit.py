@@ -274,13 +274,21 @@ def test_marker_spec(tmp_path: Path) -> None:
     )
     with pytest.raises(
         ConfigError,
-        match="takes only the keyword arguments nodes, node_image, kind_config; got node",
+        match="takes only the keyword arguments nodes, node_image, kind_config, fresh; got node",
     ):
         marker_spec((), {"node": 3}, tmp_path)
     with pytest.raises(ConfigError, match="must be a whole number >= 1, not 0"):
         marker_spec((), {"nodes": 0}, tmp_path)
     with pytest.raises(ConfigError, match="positional"):
         marker_spec((3,), {}, tmp_path)
+    fresh = marker_spec((), {"nodes": 2, "fresh": True}, tmp_path, "tests/test_a.py::TestOne")
+    assert fresh.fresh_for == "tests/test_a.py::TestOne"
+    assert fresh.id == "kipik-nodes2-fresh-test_a.py-TestOne"
+    other = marker_spec((), {"nodes": 2, "fresh": True}, tmp_path, "tests/test_b.py")
+    assert other != fresh  # each marked module or class gets its own cluster
+    assert marker_spec((), {"nodes": 2}, tmp_path, "tests/test_b.py").fresh_for is None
+    with pytest.raises(ConfigError, match=r"fresh=\.\.\.\) must be True or False, not 'yes'"):
+        marker_spec((), {"fresh": "yes"}, tmp_path)
 
 
 def test_troubled_pods_and_warning_events() -> None:
