@@ -140,6 +140,41 @@ def leases_renewed(api: k8s_client.ApiClient, expected: int, since: dt.datetime)
         raise NotYet(f"{len(fresh)}/{expected} kubelets renewed their lease since the restore")
 
 
+#: Leader-election leases of the control plane: a restored copy's controller-manager and
+#: scheduler would wait out the lease their copied predecessor holds (15 s) before they act.
+LEADER_LEASES = ("kube-controller-manager", "kube-scheduler")
+
+
+def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> None:
+    """Delete the control plane's leader leases last renewed before ``since``.
+
+    After a restore their holders are gone (they ran in the copied cluster), so the new
+    controller-manager and scheduler take over at once instead of after the lease runs out.
+    A lease renewed since (a new holder) is left alone, and so is one changed meanwhile.
+    """
+    leases = k8s_client.CoordinationV1Api(api)
+    for name in LEADER_LEASES:
+        try:
+            lease = leases.read_namespaced_lease(
+                name, "kube-system", _request_timeout=_REQUEST_TIMEOUT
+            )
+            renewed = lease.spec.renew_time if lease.spec is not None else None
+            if renewed is not None and renewed >= since:
+                continue
+            version = lease.metadata.resource_version if lease.metadata is not None else None
+            leases.delete_namespaced_lease(
+                name,
+                "kube-system",
+                body=k8s_client.V1DeleteOptions(
+                    preconditions=k8s_client.V1Preconditions(resource_version=version)
+                ),
+                _request_timeout=_REQUEST_TIMEOUT,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone, or a new holder renewed it meanwhile
+                raise
+
+
 def not_running_again(pods: list[Any], since: dt.datetime) -> list[str]:
     """The names of ``pods`` (V1Pod) not running again since ``since``.
 
@@ -260,6 +295,15 @@ def wait_ready(
     ]
     if restored_at is not None:
         since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
+        checks.insert(
+            1,
+            (
+                "the copied control plane's leader leases to be released",
+                lambda: release_leaders(api, since),
+                "kipik deletes the leases of kube-controller-manager and kube-scheduler that "
+                "their copied holders cannot renew",
+            ),
+        )
         checks.append(
             (
                 f"all {nodes} kubelet(s) to run again since the restore",
