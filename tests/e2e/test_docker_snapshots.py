@@ -183,6 +183,18 @@ def _kipik(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def _break(client: docker.DockerClient, image: str, volume: str) -> None:
+    """Remove the snapshot's overlay trees (the image's own anonymous volume goes too)."""
+    helper = client.containers.run(
+        image, entrypoint=["sh", "-c", "rm -rf /s/overlay2/*/diff"],
+        volumes={volume: {"bind": "/s", "mode": "rw"}}, detach=True,
+    )  # fmt: skip
+    try:
+        assert helper.wait(timeout=300)["StatusCode"] == 0, helper.logs()
+    finally:
+        helper.remove(v=True, force=True)
+
+
 def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_is_replaced(
     pytester: pytest.Pytester,
     test_images: tuple[str, str],
@@ -235,11 +247,7 @@ def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_i
         assert leftovers() == [f"volume {snapshots[0]}"]
 
         # 3. a broken snapshot: restored no more, discarded, replaced by a new one
-        helper = docker_client.containers.run(
-            dind, entrypoint=["sh", "-c", "rm -rf /s/overlay2/*/diff"],
-            volumes={snapshots[0]: {"bind": "/s", "mode": "rw"}}, remove=True, detach=False,
-        )  # fmt: skip
-        del helper
+        _break(docker_client, dind, snapshots[0])
         third = _pytest(pytester, dict(env, KIPIK_TTL="2s"), test_images, prefix, "test_first.py")
         out = third.stdout
         assert third.returncode == 0, out + third.stderr
