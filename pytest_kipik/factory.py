@@ -48,6 +48,11 @@ from pytest_kipik.waiting import NotYet, wait_until
 RESTORE_READY_BOUND = 180.0
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one progress-line part: whitespace folded, at most 300 characters."""
+    return " ".join(str(exc).split())[:300]
+
+
 @dataclass
 class _Build:
     """One host and its clusters being made: what every step reads, and what it leaves."""
@@ -509,9 +514,9 @@ class ClusterFactory:
                 self._extra_images_loaded(build, [cluster])
                 undo.pop_all()
         except (KipikError, OSError) as exc:
-            reason = " ".join(str(exc).split())[:300]
             self.report(
-                f"kipik {name}: restoring from snapshot {snapshot.volume} failed ({reason}); "
+                f"kipik {name}: restoring from snapshot {snapshot.volume} failed "
+                f"({_one_line(exc)}); "
                 "creating the cluster instead"
             )
             if not store.being_saved(snapshot):
@@ -528,8 +533,9 @@ class ClusterFactory:
                 if store.find(key) is None:  # else another process saved it meanwhile
                     self._save(cluster, store, key)
         except (KipikError, Timeout) as exc:
-            reason = " ".join(str(exc).split())[:300]
-            self.report(f"kipik {cluster.name}: no snapshot ({reason}); later ones are created")
+            self.report(
+                f"kipik {cluster.name}: no snapshot ({_one_line(exc)}); later ones are created"
+            )
 
     def _save(self, cluster: NestedCluster, store: SnapshotStore, key: str) -> None:
         found = {

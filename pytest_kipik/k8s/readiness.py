@@ -270,8 +270,9 @@ def wait_ready(
 ) -> None:
     """Wait for every readiness check in turn, each within what is left until ``deadline``.
 
-    ``restored_at``: when the cluster was restored from a snapshot (then its kubelets must
-    also have renewed their leases since).
+    ``restored_at``: when the cluster was restored from a snapshot. Then the copied leader
+    leases are released first, and the kubelets and kube-system pods must show that they run
+    again since (:func:`leases_renewed`, :func:`system_pods_running_again`).
     """
     server = str(api.configuration.host)
     checks: list[tuple[str, Callable[[], None], str]] = [

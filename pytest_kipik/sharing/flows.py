@@ -119,7 +119,7 @@ def record_of(cluster: NestedCluster, found: Mapping[str, str]) -> Record:
         server=cluster.server,
         kubeconfig=str(cluster.kubeconfig_path),
         nodes=cluster.nodes,
-        kind_name="" if cluster.kind_name == cluster.name else cluster.kind_name,
+        kind_name=cluster.kind_name,
     )
 
 

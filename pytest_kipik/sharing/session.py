@@ -129,7 +129,7 @@ class Record:
     kubeconfig: str
     nodes: int
     extra: Mapping[str, str] = field(default_factory=dict)
-    kind_name: str = ""  # kind's name for it, when not ``name`` (a cluster from a snapshot)
+    kind_name: str = ""  # kind's name for it (a restored cluster keeps its snapshot's); "": name
 
     def dump(self) -> str:
         """JSON text."""
