@@ -261,6 +261,36 @@ def default_service_account(api: k8s_client.ApiClient) -> None:
     )
 
 
+#: A readiness check: what is awaited, the call that raises NotYet until then, and a hint.
+Check = tuple[str, Callable[[], None], str]
+
+
+def _restore_checks(api: k8s_client.ApiClient, nodes: int, restored_at: dt.datetime) -> list[Check]:
+    """What a restored cluster adds: the leader leases released, then its parts running again."""
+    since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
+    return [
+        (
+            "the copied control plane's leader leases to be released",
+            lambda: release_leaders(api, since),
+            "kipik deletes the leases of kube-controller-manager and kube-scheduler that "
+            "their copied holders cannot renew",
+        ),
+        (
+            f"all {nodes} kubelet(s) to run again since the restore",
+            lambda: leases_renewed(api, nodes, since),
+            "a kubelet renews its node lease every 10 s once it runs; look at the node's "
+            "journal (kipik logs)",
+        ),
+        (
+            "the kube-system pods (CoreDNS, the CNI, kube-proxy) to run again and be served",
+            lambda: system_pods_running_again(api, since),
+            "the kubelet restarts them after a restore, the controller-manager updates "
+            "their Services; `kubectl -n kube-system get pods,endpointslices` "
+            f"on a kept cluster ({option('keep')}) shows which one does not come back",
+        ),
+    ]
+
+
 def wait_ready(
     api: k8s_client.ApiClient,
     *,
@@ -275,7 +305,7 @@ def wait_ready(
     again since (:func:`leases_renewed`, :func:`system_pods_running_again`).
     """
     server = str(api.configuration.host)
-    checks: list[tuple[str, Callable[[], None], str]] = [
+    checks: list[Check] = [
         (
             "/readyz of the nested API server to answer ok",
             lambda: readyz(api),
@@ -295,33 +325,8 @@ def wait_ready(
         ),
     ]
     if restored_at is not None:
-        since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
-        checks.insert(
-            1,
-            (
-                "the copied control plane's leader leases to be released",
-                lambda: release_leaders(api, since),
-                "kipik deletes the leases of kube-controller-manager and kube-scheduler that "
-                "their copied holders cannot renew",
-            ),
-        )
-        checks.append(
-            (
-                f"all {nodes} kubelet(s) to run again since the restore",
-                lambda: leases_renewed(api, nodes, since),
-                "a kubelet renews its node lease every 10 s once it runs; look at the node's "
-                "journal (kipik logs)",
-            )
-        )
-        checks.append(
-            (
-                "the kube-system pods (CoreDNS, the CNI, kube-proxy) to run again and be served",
-                lambda: system_pods_running_again(api, since),
-                "the kubelet restarts them after a restore, the controller-manager updates "
-                "their Services; `kubectl -n kube-system get pods,endpointslices` "
-                f"on a kept cluster ({option('keep')}) shows which one does not come back",
-            )
-        )
+        release, *running = _restore_checks(api, nodes, restored_at)
+        checks = [checks[0], release, *checks[1:], *running]
     for what, call, hint in checks:
         wait_until(
             _guard(server, call),

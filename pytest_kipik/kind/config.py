@@ -65,6 +65,41 @@ def _line_of(root: yaml.Node, *path: str | int) -> str:
     return f"line {node.start_mark.line + 1}: " if node is not None else ""
 
 
+def _check_nodes(root: yaml.Node, nodes: Any) -> None:
+    """``nodes``: a list of mappings with known roles and string images, one control plane."""
+    if nodes is not None and not isinstance(nodes, list):
+        raise ConfigError(f"{_line_of(root, 'nodes')}nodes must be a list")
+    for index, node in enumerate(nodes or []):
+        where = _line_of(root, "nodes", index)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}nodes[{index}] must be a mapping")
+        role = node.get("role", "control-plane")
+        if role not in _ROLES:
+            raise ConfigError(
+                f"{where}nodes[{index}].role is {role!r}: use one of {', '.join(_ROLES)}"
+            )
+        if "image" in node and not isinstance(node["image"], str):
+            raise ConfigError(f"{where}nodes[{index}].image must be a string")
+    if nodes and not any(n.get("role", "control-plane") == "control-plane" for n in nodes):
+        raise ConfigError("nodes needs at least one node with role control-plane")
+
+
+def _check_patches(root: yaml.Node, patches: Any) -> None:
+    """``kubeadmConfigPatches``: a list of strings that are each valid YAML."""
+    if patches is not None and not isinstance(patches, list):
+        raise ConfigError(f"{_line_of(root, 'kubeadmConfigPatches')}must be a list of strings")
+    for index, patch in enumerate(patches or []):
+        where = _line_of(root, "kubeadmConfigPatches", index)
+        if not isinstance(patch, str):
+            raise ConfigError(f"{where}kubeadmConfigPatches[{index}] must be a YAML string")
+        try:
+            yaml.safe_load(patch)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"{where}kubeadmConfigPatches[{index}] is not valid YAML: {exc}"
+            ) from None
+
+
 def validate_user_config(text: str) -> dict[str, Any]:
     """Parse a kind config and check what kipik relies on; return it as plain data.
 
@@ -89,22 +124,7 @@ def validate_user_config(text: str) -> dict[str, Any]:
             f"{_line_of(root, 'apiVersion')}apiVersion must be {API_VERSION!r} (the one kind "
             f"supports), found {data.get('apiVersion')!r}"
         )
-    nodes = data.get("nodes")
-    if nodes is not None and not isinstance(nodes, list):
-        raise ConfigError(f"{_line_of(root, 'nodes')}nodes must be a list")
-    for index, node in enumerate(nodes or []):
-        where = _line_of(root, "nodes", index)
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}nodes[{index}] must be a mapping")
-        role = node.get("role", "control-plane")
-        if role not in _ROLES:
-            raise ConfigError(
-                f"{where}nodes[{index}].role is {role!r}: use one of {', '.join(_ROLES)}"
-            )
-        if "image" in node and not isinstance(node["image"], str):
-            raise ConfigError(f"{where}nodes[{index}].image must be a string")
-    if nodes and not any(n.get("role", "control-plane") == "control-plane" for n in nodes):
-        raise ConfigError("nodes needs at least one node with role control-plane")
+    _check_nodes(root, data.get("nodes"))
     networking = data.get("networking")
     if networking is not None and not isinstance(networking, dict):
         raise ConfigError(f"{_line_of(root, 'networking')}networking must be a mapping")
@@ -115,19 +135,7 @@ def validate_user_config(text: str) -> dict[str, Any]:
                 f"{_line_of(root, 'networking', key)}networking.{key} must be a "
                 f"{'number' if kind_of is int else 'string'}, found {value!r}"
             )
-    patches = data.get("kubeadmConfigPatches")
-    if patches is not None and not isinstance(patches, list):
-        raise ConfigError(f"{_line_of(root, 'kubeadmConfigPatches')}must be a list of strings")
-    for index, patch in enumerate(patches or []):
-        where = _line_of(root, "kubeadmConfigPatches", index)
-        if not isinstance(patch, str):
-            raise ConfigError(f"{where}kubeadmConfigPatches[{index}] must be a YAML string")
-        try:
-            yaml.safe_load(patch)
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"{where}kubeadmConfigPatches[{index}] is not valid YAML: {exc}"
-            ) from None
+    _check_patches(root, data.get("kubeadmConfigPatches"))
     return data
 
 

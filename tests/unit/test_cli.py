@@ -11,6 +11,7 @@ from pytest_kipik.config import SETTINGS, KipikConfig
 from pytest_kipik.errors import ConfigError, front_end, option
 from pytest_kipik.hosts.base import Owned
 from pytest_kipik.kind import config as kind
+from pytest_kipik.ops import inventory
 
 
 def _config(argv: list[str], environ: dict[str, str], tmp_path: Path) -> KipikConfig:
@@ -123,14 +124,17 @@ def test_found_cluster_kind_and_host() -> None:
     run = {"kipik.io/run-id": "r1", "kipik.io/cluster": "c"}
     volume = Owned("volume", "v1", {**run})
     dind = Owned("container", "c-dind", {**run, "kipik.io/keep": "true"})
-    kept = cli.FoundCluster("c", [volume, dind])
+    kept = inventory.FoundCluster("c", [volume, dind])
     assert (kept.kind, kept.host) == ("kept", dind)
-    warm = cli.FoundCluster("w", [Owned("container", "w", {**run, "kipik.io/warm-slot": "0"})])
+    warm = inventory.FoundCluster(
+        "w", [Owned("container", "w", {**run, "kipik.io/warm-slot": "0"})]
+    )
     assert warm.kind == "warm"
-    reused = cli.FoundCluster("r", [Owned("pod", "r", {**run, "kipik.io/reuse-key": "abc"})])
+    reuse_key = {**run, "kipik.io/reuse-key": "abc"}
+    reused = inventory.FoundCluster("r", [Owned("pod", "r", reuse_key)])
     assert reused.kind == "reused"
-    assert cli.FoundCluster("s", [Owned("container", "s", run)]).kind == "session"
-    assert cli.FoundCluster("v", [volume]).host is None
+    assert inventory.FoundCluster("s", [Owned("container", "s", run)]).kind == "session"
+    assert inventory.FoundCluster("v", [volume]).host is None
 
 
 def test_table_pads_columns_and_shows_missing_values_as_dashes() -> None:
@@ -138,4 +142,6 @@ def test_table_pads_columns_and_shows_missing_values_as_dashes() -> None:
         {"name": "a", "status": "running"},
         {"name": "longer", "status": None},
     ]
-    assert cli.table(rows, ["name", "status"]) == ("NAME    STATUS\na       running\nlonger  -")
+    assert inventory.table(rows, ["name", "status"]) == (
+        "NAME    STATUS\na       running\nlonger  -"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import docker.errors
 
-from pytest_kipik.hosts.docker import _missing_modules
+from pytest_kipik.hosts.docker_host import _missing_modules
 
 
 def test_an_engine_host_without_lib_modules_is_told_apart_from_other_refusals() -> None:
