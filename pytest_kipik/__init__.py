@@ -10,19 +10,63 @@ pytest, for example::
         print(cluster.core_v1.list_node())
 """
 
-from pytest_kipik.cluster import ImageLoad, NestedCluster, NestedNamespace
-from pytest_kipik.config import KipikConfig
-from pytest_kipik.errors import (
-    CommandError,
-    ConfigError,
-    DockerUnavailableError,
-    ImageError,
-    KindError,
-    KipikError,
-    ReadinessTimeout,
-    WaitTimeout,
-)
-from pytest_kipik.factory import ClusterFactory
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_kipik.cluster import ImageLoad, NestedCluster, NestedNamespace
+    from pytest_kipik.config import KipikConfig
+    from pytest_kipik.errors import (
+        CommandError,
+        ConfigError,
+        DockerUnavailableError,
+        ImageError,
+        KindError,
+        KipikError,
+        ReadinessTimeout,
+        WaitTimeout,
+    )
+    from pytest_kipik.factory import ClusterFactory
+
+#: Where each public name lives. Importing the package imports none of them (nor ``kubernetes``
+#: or ``docker``): pytest loads the plugin in every run of a project, used or not.
+_HOMES = {
+    "ClusterFactory": "pytest_kipik.factory",
+    "ImageLoad": "pytest_kipik.cluster",
+    "NestedCluster": "pytest_kipik.cluster",
+    "NestedNamespace": "pytest_kipik.cluster",
+    "KipikConfig": "pytest_kipik.config",
+    **dict.fromkeys(
+        (
+            "CommandError",
+            "ConfigError",
+            "DockerUnavailableError",
+            "ImageError",
+            "KindError",
+            "KipikError",
+            "ReadinessTimeout",
+            "WaitTimeout",
+        ),
+        "pytest_kipik.errors",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'pytest_kipik' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __all__ = [
     "ClusterFactory",

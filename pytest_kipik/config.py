@@ -372,6 +372,11 @@ class KipikConfig:
         """
         return kind.load_user_config(self.kind_config) if self.kind_config else None
 
+    @property
+    def given(self) -> bool:
+        """Whether any setting was given (option, environment or ini), not all defaults."""
+        return any(source != "default" for source in self.sources.values())
+
     @classmethod
     def defaults(cls) -> KipikConfig:
         """The configuration with every setting at its default."""

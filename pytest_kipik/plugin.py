@@ -4,6 +4,10 @@ Options and ini keys generated from the settings, the report header, the marker'
 parametrization, the xdist hand-over of the session (its owner's sweep at the end), the
 failure report, and the fixtures, which only call :class:`~pytest_kipik.factory.ClusterFactory`.
 Everything that makes or removes clusters runs without pytest.
+
+The plugin is inert until used: pytest loads it in every run of a project, so importing it
+imports neither ``kubernetes`` nor ``docker``, and the backend is chosen (and the engine or the
+outer cluster looked at) only when a setting is given or a kipik fixture asks for a cluster.
 """
 
 from __future__ import annotations
@@ -13,37 +17,37 @@ import hashlib
 import inspect
 import os
 import secrets
+import sys
 import warnings
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from kubernetes import client as k8s_client
 
 from pytest_kipik import hookspecs, labels
-from pytest_kipik.cluster import NestedCluster, NestedNamespace
 from pytest_kipik.config import SETTINGS, KipikConfig, resolve
 from pytest_kipik.errors import BackendUnavailable, ConfigError, KipikError
-from pytest_kipik.factory import ClusterFactory
-from pytest_kipik.hosts.choice import Choice, choose, make_backend
-from pytest_kipik.hosts.engine import engine_location
-from pytest_kipik.k8s import diagnostics
 from pytest_kipik.kind import config as kind
 from pytest_kipik.marker import ClusterSpec, marker_spec
-from pytest_kipik.ops import logs, reaper
 from pytest_kipik.progress import Reporter, Tail, file_reporter
-from pytest_kipik.sharing.flows import reuse_name, reuse_state
-from pytest_kipik.sharing.holds import OwnerHolds
 from pytest_kipik.sharing.session import KeptNotes, Session, WarmSlot, cluster_key
 from pytest_kipik.signals import deferred_interrupts, terminate_as_interrupt
 
+if TYPE_CHECKING:  # the modules that import kubernetes and docker load on first use
+    from kubernetes import client as k8s_client
+
+    from pytest_kipik.cluster import NestedCluster, NestedNamespace
+    from pytest_kipik.factory import ClusterFactory
+    from pytest_kipik.hosts.choice import Choice
+    from pytest_kipik.sharing.holds import OwnerHolds
+
 CONFIG_KEY = pytest.StashKey[KipikConfig]()
-CHOICE_KEY = pytest.StashKey[Choice]()
+CHOICE_KEY: pytest.StashKey[Choice] = pytest.StashKey()
 SESSION_KEY = pytest.StashKey[Session]()
 WARM_KEY = pytest.StashKey[WarmSlot]()
 TAIL_KEY = pytest.StashKey[Tail]()
-HOLDS_KEY = pytest.StashKey[OwnerHolds]()
+HOLDS_KEY: pytest.StashKey[OwnerHolds] = pytest.StashKey()
 #: The workerinput key that carries the owner's session to xdist workers.
 WORKER_SESSION = "kipik_session"
 PROGRESS_FILE = "progress.log"
@@ -101,6 +105,9 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--kipik-gc``: reap, print, and exit without running tests."""
     if not config.getoption("kipik_gc"):
         return None
+    from pytest_kipik.hosts.choice import make_backend
+    from pytest_kipik.ops import reaper
+
     try:
         kipik = _resolve(config)
         backend = make_backend(kipik, print)
@@ -122,12 +129,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     try:
         kipik = _resolve(config)
-        choice = choose(kipik)
-        _check_for(kipik, choice)
+        config.stash[CONFIG_KEY] = kipik
+        if kipik.given:  # else nothing is looked at until a fixture asks for a cluster
+            _check_for(kipik, _choice(config))
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-kipik: {exc}") from None
-    config.stash[CONFIG_KEY] = kipik
-    config.stash[CHOICE_KEY] = choice
     config.stash[SESSION_KEY] = _session(config, kipik)
     user = kipik.user_kind_config or {}
     for key in kind.unknown_fields(user):
@@ -138,6 +144,22 @@ def pytest_configure(config: pytest.Config) -> None:
             ),
             stacklevel=2,
         )
+
+
+def _choice(config: pytest.Config) -> Choice:
+    """The backend the settings select, chosen on first need (it may look at the engine)."""
+    if CHOICE_KEY not in config.stash:
+        from pytest_kipik.hosts.choice import choose
+
+        config.stash[CHOICE_KEY] = choose(config.stash[CONFIG_KEY])
+    return config.stash[CHOICE_KEY]
+
+
+def _backend_maker(config: pytest.Config, report: Reporter) -> Any:
+    """A new backend of the session's choice (the import of both backends happens here)."""
+    from pytest_kipik.hosts.choice import make_backend
+
+    return make_backend(config.stash[CONFIG_KEY], report, _choice(config))
 
 
 def _session(config: pytest.Config, kipik: KipikConfig) -> Session:
@@ -163,11 +185,10 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput[WORKER_SESSION] = session.to_json()
     if TAIL_KEY not in config.stash:
         config.stash[TAIL_KEY] = Tail(session.directory / PROGRESS_FILE, _reporter(config))
+        from pytest_kipik.sharing.holds import OwnerHolds
+
         config.stash[HOLDS_KEY] = OwnerHolds(
-            session,
-            lambda: make_backend(
-                config.stash[CONFIG_KEY], _reporter(config), config.stash[CHOICE_KEY]
-            ),
+            session, lambda: _backend_maker(config, _reporter(config))
         )
 
 
@@ -189,8 +210,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     problems: list[Exception] = []
     with deferred_interrupts(reraise=False):  # cleanup must not be cut short
         if kipik_session.directory.exists():  # else no cluster was asked for
+            from pytest_kipik.ops import reaper
+
             try:
-                backend = make_backend(config.stash[CONFIG_KEY], report, config.stash[CHOICE_KEY])
+                backend = _backend_maker(config, report)
                 try:
                     problems = reaper.sweep(
                         backend, kipik_session.run_id, report, KeptNotes(kipik_session).untold
@@ -216,6 +239,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _check_for(kipik: KipikConfig, choice: Choice) -> None:
     """What the chosen backend needs from the settings, checked before the session starts."""
+    from pytest_kipik.hosts.choice import make_backend
+
     backend = make_backend(kipik, lambda line: None, choice)
     try:
         backend.preflight()
@@ -226,7 +251,9 @@ def _check_for(kipik: KipikConfig, choice: Choice) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Show every setting with where its value came from, and the backend with why."""
     kipik = config.stash[CONFIG_KEY]
-    choice = config.stash[CHOICE_KEY]
+    if not kipik.given:
+        return ["kipik: idle until a test asks for a nested cluster (no kipik setting given)"]
+    choice = _choice(config)
     lines = [
         "kipik: " + ", ".join(kipik.describe()),
         f"kipik: backend {choice.name} ({choice.reason})",
@@ -236,12 +263,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         if kipik.snapshots:
             lines.append("kipik: snapshots: off on the pod backend (every cluster is created)")
     else:
+        from pytest_kipik.hosts.engine import engine_location
+
         lines.append(f"kipik: docker engine: {engine_location()}")
     if kipik.reuse:
         user = kipik.user_kind_config
         key = cluster_key(
             kipik, backend=choice.name, user_config=user, nodes=None, node_image=kipik.node_image
         )
+        from pytest_kipik.sharing.flows import reuse_name, reuse_state
+
         name = reuse_name(kipik.name_prefix, key)
         if reuse_state(key).exists():
             lines.append(f"kipik: reuse: {name} kept by an earlier run: reused when healthy")
@@ -303,8 +334,11 @@ def pytest_runtest_makereport(
     """A failed test that used a nested cluster gets that cluster's state in its report."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    if not report.failed or report.when == "teardown":
-        return
+    if not report.failed or report.when == "teardown" or "pytest_kipik.cluster" not in sys.modules:
+        return  # no cluster was ever made in this process
+    from pytest_kipik.cluster import NestedCluster, NestedNamespace
+    from pytest_kipik.k8s import diagnostics
+
     funcargs: dict[str, Any] = getattr(item, "funcargs", {})
     namespace = funcargs.get("nested_namespace")
     if isinstance(namespace, NestedNamespace):
@@ -332,11 +366,16 @@ def nested_cluster_factory(
     returns a ready :class:`~pytest_kipik.NestedCluster`; every cluster it made is torn down at
     the end of the session (kept and printed instead with ``--kipik-keep``).
     """
+    from pytest_kipik.factory import ClusterFactory
+
     config = request.config
     report = _reporter(config)
+    if not config.stash[CONFIG_KEY].given:  # the header did not say which backend
+        choice = _choice(config)
+        report(f"kipik: backend {choice.name} ({choice.reason})")
     factory = ClusterFactory(
         config.stash[CONFIG_KEY],
-        backend=make_backend(config.stash[CONFIG_KEY], report, config.stash[CHOICE_KEY]),
+        backend=_backend_maker(config, report),
         workdir=tmp_path_factory.mktemp("kipik"),
         report=report,
         worker=os.environ.get("PYTEST_XDIST_WORKER"),
@@ -382,6 +421,8 @@ def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> 
     for cluster in factory.clusters:
         if cluster.status == "attached":
             continue  # the process that made it exports its logs
+        from pytest_kipik.ops import logs
+
         try:
             path = logs.export_logs(
                 cluster.host, cluster.name, directory, timeout=120, kind_name=cluster.kind_name

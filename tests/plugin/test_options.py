@@ -178,3 +178,43 @@ def test_fixtures_are_documented(pytester: pytest.Pytester) -> None:
         ("nested_client", "A ``kubernetes.client.ApiClient`` for the session cluster*"),
     ]:
         result.stdout.fnmatch_lines([f"{name} [[]session scope[]]*", f"    {doc}"])
+
+
+NOT_USING_KIPIK = """
+import sys
+
+def test_plain():
+    assert "kubernetes" not in sys.modules, "the kipik plugin imported kubernetes"
+    assert "docker" not in sys.modules, "the kipik plugin imported docker"
+"""
+
+
+def _no_kipik_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+
+
+def test_a_run_that_uses_nothing_of_kipik_imports_neither_client_and_says_one_line(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_kipik_settings(monkeypatch)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kipik-inert.sock")  # never looked at
+    pytester.makepyfile(NOT_USING_KIPIK)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    kipik_lines = [line for line in result.stdout.lines if line.startswith("kipik")]
+    assert kipik_lines == [
+        "kipik: idle until a test asks for a nested cluster (no kipik setting given)"
+    ]
+
+
+def test_a_given_setting_shows_the_full_header_and_no_kipik_turns_it_off(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_kipik_settings(monkeypatch)
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    given = pytester.runpytest_subprocess("--kipik-backend=docker", "--co")
+    given.stdout.fnmatch_lines(["kipik: backend docker (from cli)"])
+    off = pytester.runpytest_subprocess("-p", "no:kipik", "--co")
+    assert not [line for line in off.stdout.lines if line.startswith("kipik")]
+    off.assert_outcomes()
