@@ -13,6 +13,7 @@ pytest, for example::
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,7 +56,12 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (PEP 562)."""
+    """Import a public name's module on first use (PEP 562); ``__version__`` from the metadata."""
+    if name == "__version__":
+        try:
+            return version("pytest-kipik")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            return "0.0.0+unknown"
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'pytest_kipik' has no attribute {name!r}")

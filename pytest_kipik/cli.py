@@ -111,6 +111,12 @@ def config_from(
     return resolve(given, {}, environ, cwd=where, ini_dir=where)
 
 
+def _version() -> str:
+    from pytest_kipik import __version__  # noqa: PLC0415 - computed on first use
+
+    return str(__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kipik`` parser: every subcommand with every setting and its own ``--help``."""
     parser = argparse.ArgumentParser(
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "outside of pytest, with the plugin's settings.",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = [settings_parser()]
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -145,3 +145,12 @@ def test_table_pads_columns_and_shows_missing_values_as_dashes() -> None:
     assert inventory.table(rows, ["name", "status"]) == (
         "NAME    STATUS\na       running\nlonger  -"
     )
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kipik {version('pytest-kipik')}"
