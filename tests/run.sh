@@ -70,8 +70,8 @@ case $what in
         exec python3 -m tox -e examples -- examples "${images[@]}" "$@"
         ;;
     tests)
-        step "lint and types"
-        python3 -m tox -e lint,type
+        step "lint, types and the documentation site"
+        python3 -m tox -e lint,type,docs
         step "test suite"
         exec python3 -m tox -e py -- tests "$@"
         ;;
