@@ -26,10 +26,13 @@ from pytest_kipik import labels as lbl
 from pytest_kipik.config import SETTINGS, KipikConfig, Setting, resolve
 from pytest_kipik.errors import ConfigError, KipikError, front_end, option
 from pytest_kipik.factory import ClusterFactory
+from pytest_kipik.hosts import engine
 from pytest_kipik.hosts.base import Backend
+from pytest_kipik.hosts.bundle import write_bundle
 from pytest_kipik.hosts.choice import make_backend
+from pytest_kipik.hosts.transfer import ensure_default_image
 from pytest_kipik.k8s import kubeconfig
-from pytest_kipik.kind.config import API_SERVER_PORT
+from pytest_kipik.kind.config import API_SERVER_PORT, node_images
 from pytest_kipik.kind.driver import KindDriver
 from pytest_kipik.ops import doctor, judges, reaper
 from pytest_kipik.ops.inventory import (
@@ -203,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         "no check failed, else 1.",
     )
     check.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    bundle = add(
+        "bundle",
+        "write the DinD, node and extra images into one archive for air-gapped use",
+        "Write OUT: the DinD image (--image, else the default one, built if needed), the node "
+        "images (--node-image or your kind config's), the --load-images and each IMAGE, all "
+        "from the local engine. Use it with --bundle=OUT (pytest: --kipik-bundle=OUT) and the "
+        "same --node-image: nothing is pulled then.",
+    )
+    bundle.add_argument("out", metavar="OUT", type=Path, help="the archive to write (a .tar)")
+    bundle.add_argument("images", nargs="*", metavar="IMAGE", help="another image to add")
     return parser
 
 
@@ -391,6 +404,31 @@ def cmd_doctor(args: argparse.Namespace, config: KipikConfig) -> int:
     return 0 if judges.passed(results) else FAILED
 
 
+def cmd_bundle(args: argparse.Namespace, config: KipikConfig) -> int:
+    """Write an air-gapped bundle of the session's images (see :mod:`pytest_kipik.hosts.bundle`)."""
+    nodes = node_images(config.user_kind_config, config.node_image)
+    if not nodes:
+        raise CommandFailed(
+            f"no node image to bundle: pass {option('node_image')} (kind's default node image "
+            "comes from a registry, which a bundle is there to avoid)"
+        )
+    client = engine.connect()
+    try:
+        dind = config.image or ensure_default_image(client, stderr_reporter)
+        wanted = [(dind, "dind"), *((n, "node") for n in nodes)]
+        wanted += [(image, "extra") for image in (*config.load_images, *args.images)]
+        entries = write_bundle(client, args.out, wanted, stderr_reporter)
+    finally:
+        client.close()
+    size = args.out.stat().st_size / 1024**2
+    stderr_reporter(
+        f"kipik bundle: {args.out} ({len(entries)} images, {size:.0f} MiB); use it with "
+        f"{option('bundle')}={args.out} and {option('node_image')}={nodes[0]}"
+    )
+    print(args.out, flush=True)
+    return 0
+
+
 COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
@@ -399,6 +437,7 @@ COMMANDS = {
     "shell": cmd_shell,
     "logs": cmd_logs,
     "doctor": cmd_doctor,
+    "bundle": cmd_bundle,
 }
 
 

@@ -313,6 +313,14 @@ class KipikConfig:
         _directory,
         metavar="DIR",
     )
+    bundle: Path | None = setting(
+        "",
+        "an air-gapped bundle (`kipik bundle OUT.tar`): the images it holds are taken from it, "
+        "none pulled; the docker backend loads what the engine lacks, the pod backend moves "
+        "node and extra images from it (the DinD image must be on the outer nodes already)",
+        _existing_file,
+        metavar="PATH",
+    )
     outer_kubeconfig: Path | None = setting(
         "",
         "pod backend: kubeconfig of the outer cluster; default: in-cluster config inside a pod, "

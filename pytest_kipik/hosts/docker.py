@@ -7,6 +7,7 @@ kipik left on the engine, and keeps snapshots (:mod:`pytest_kipik.hosts.snapshot
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -14,6 +15,7 @@ import docker.errors
 from pytest_kipik import labels as lbl
 from pytest_kipik.errors import HostError
 from pytest_kipik.hosts.base import Owned
+from pytest_kipik.hosts.bundle import load_into_engine, read_bundle
 from pytest_kipik.hosts.docker_host import DockerHost
 from pytest_kipik.hosts.engine import connect, engine_location, ensure_image, owned_resources
 from pytest_kipik.hosts.snapshots import Snapshots
@@ -28,17 +30,26 @@ class DockerBackend:
     #: Published ports outlive this process.
     forwards_api = False
 
-    def __init__(self, image: str | None, report: Reporter) -> None:
+    def __init__(self, image: str | None, report: Reporter, bundle: Path | None = None) -> None:
         self.image = image
         self.report = report
+        #: An air-gapped bundle whose images the engine gets on first use (none is pulled).
+        self.bundle = bundle
         self._client: docker.DockerClient | None = None
         self._dind_image: str | None = None
 
     @property
     def client(self) -> docker.DockerClient:
-        """The engine's client (connected on first use)."""
+        """The engine's client (connected on first use, the bundle's images loaded then)."""
         if self._client is None:
-            self._client = connect()
+            client = connect()
+            if self.bundle is not None:
+                try:
+                    load_into_engine(client, self.bundle, self.report)
+                except BaseException:
+                    client.close()
+                    raise
+            self._client = client
         return self._client
 
     def connect(self) -> None:
@@ -54,12 +65,21 @@ class DockerBackend:
 
     def _image(self) -> str:
         if self._dind_image is None:
-            if self.image:
+            if self.image:  # the client loads the bundle first: a bundled image is not pulled
                 ensure_image(self.client, self.image, self.report)
                 self._dind_image = self.image
+            elif bundled := self._bundled_dind():
+                _ = self.client  # loads the bundle
+                self._dind_image = bundled
             else:
                 self._dind_image = ensure_default_image(self.client, self.report)
         return self._dind_image
+
+    def _bundled_dind(self) -> str | None:
+        """The DinD image of the bundle (used when no image is given), if there is one."""
+        if self.bundle is None:
+            return None
+        return next((e.reference for e in read_bundle(self.bundle) if e.role == "dind"), None)
 
     def make_host(
         self, name: str, labels: Mapping[str, str], inner_ports: Sequence[int]

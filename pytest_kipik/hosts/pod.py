@@ -27,6 +27,7 @@ from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import BackendUnavailable, ConfigError, HostError, option
 from pytest_kipik.hosts import engine
 from pytest_kipik.hosts.base import Owned, inner_dockerd_args
+from pytest_kipik.hosts.bundle import read_bundle, spool_from_bundle
 from pytest_kipik.hosts.engine import engine_answers, image_stream, local_image_id
 from pytest_kipik.hosts.outer import OuterCluster, local_outer_addresses
 from pytest_kipik.hosts.pod_api import CREATE_REFUSED, CREATED, REQUEST_TIMEOUT, api_failure
@@ -178,19 +179,23 @@ class PodBackend:
     def local_image_id(self, image: str) -> str | None:
         """The id of ``image`` on the local engine; None without an engine or such an image."""
         engine = self._local_engine()
-        return None if engine is None else local_image_id(engine, image)
+        found = None if engine is None else local_image_id(engine, image)
+        if found is None and self.config.bundle is not None:
+            entry = next((e for e in read_bundle(self.config.bundle) if e.reference == image), None)
+            found = None if entry is None else entry.id
+        return found
 
     def spool_image(self, image: str) -> tuple[str, Path] | None:
         """``docker save`` of a local image into a private temporary file, or None.
 
-        Without a local Docker engine (the usual case inside a pod) there is nothing to move.
+        Without a local Docker engine (the usual case inside a pod) there is nothing to move,
+        unless the bundle (the ``bundle`` setting) holds the image.
         """
         engine = self._local_engine()
-        if engine is None:
-            return None
-        found = image_stream(engine, image)
+        found = None if engine is None else image_stream(engine, image)
         if found is None:
-            return None
+            bundle = self.config.bundle
+            return None if bundle is None else spool_from_bundle(bundle, image)
         image_id, chunks = found
         spool = paths.private_dir(paths.cache_home(), "spool")
         fd, name = tempfile.mkstemp(prefix="image-", suffix=".tar", dir=spool)
