@@ -6,6 +6,7 @@ to the cluster this test made, since other sessions may run kipik clusters on th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import stat
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import pytest
 from kubernetes import client as k8s_client
 
@@ -92,3 +94,55 @@ def test_up_ls_shell_logs_down(
         assert not path.parent.exists()
     finally:
         kipik(cli_env, "down", name, timeout=120)
+
+
+def test_up_from_a_bundle_with_its_images_gone_from_the_engine(
+    cli_env: dict[str, str], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """``kipik bundle``, both images' names removed, then ``kipik up --bundle`` pulls nothing.
+
+    The images are bundled under names of their own (tags of the test images, whose ids other
+    tests still use, so removing the names is what this engine can afford to remove).
+    """
+    token = uuid.uuid4().hex[:8]
+    dind, node = f"kipik-bundle-e2e/dind:{token}", f"kipik-bundle-e2e/node:{token}"
+    ids = {}
+    for source, tag in ((cli_env["KIPIK_IMAGE"], dind), (cli_env["KIPIK_NODE_IMAGE"], node)):
+        image = docker_client.images.get(source)
+        image.tag(tag)
+        ids[tag] = str(image.id)
+    env = {k: v for k, v in cli_env.items() if k not in ("KIPIK_IMAGE", "KIPIK_NODE_IMAGE")}
+    env["KIPIK_SNAPSHOTS"] = "no"  # a cold create: the node image must come from the bundle
+    bundle = tmp_path / "air-gapped.tar"
+    name = f"bundle-{token}"
+    try:
+        made = kipik(env, "bundle", str(bundle), "--image", dind, "--node-image", node)
+        assert made.returncode == 0, made.stderr
+        assert made.stdout == f"{bundle}\n"
+        assert f"use it with --bundle={bundle} and --node-image={node}" in made.stderr
+        for tag in (dind, node):
+            docker_client.images.remove(tag)
+        up = kipik(env, "up", "--name", name, "--bundle", str(bundle), "--node-image", node)
+        assert up.returncode == 0, up.stderr
+        assert f"kipik: {dind} from the bundle air-gapped.tar" in up.stderr
+        assert f"kipik: {node} from the bundle air-gapped.tar" in up.stderr
+        assert "pulling" not in up.stderr
+        for tag, image_id in ids.items():
+            assert str(docker_client.images.get(tag).id) == image_id
+        host: Any = docker_client.containers.get(f"{name}-dind")
+        assert host.attrs["Image"] == ids[dind]
+        inner = host.exec_run(["docker", "image", "inspect", "-f", "{{.Id}}", node])
+        assert inner.output.decode().strip() == ids[node]
+        path = Path(up.stdout.strip().removeprefix("export KUBECONFIG="))
+        api = kubeconfig.api_client(path)
+        try:
+            nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
+        finally:
+            api.close()
+        assert [n.metadata.name for n in nodes] == [f"{name}-control-plane"]
+    finally:
+        kipik(env, "down", name, timeout=120)
+        for tag in (dind, node):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(tag)
+    assert _labelled(docker_client, name) == []
