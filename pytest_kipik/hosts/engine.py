@@ -31,8 +31,21 @@ def engine_location() -> str:
     return "unix:///var/run/docker.sock (the default; DOCKER_HOST is not set)"
 
 
+def _no_socket_file() -> bool:
+    """Whether the engine is a unix socket that does not exist (as in most pods).
+
+    The SDK's client asks the engine for its API version when it is made and leaks its socket
+    when that fails, so where there is nothing to connect to, kipik does not try.
+    """
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    url = urlparse(host)
+    return url.scheme == "unix" and not os.path.exists(url.path)
+
+
 def engine_answers(timeout: float = 3) -> bool:
     """Whether a Docker engine answers where the Docker SDK looks (a quick ping)."""
+    if _no_socket_file():
+        return False
     try:
         probe = client(max(timeout, 1))
     except docker.errors.DockerException:

@@ -11,7 +11,9 @@ import docker
 import docker.errors
 import pytest
 
+from pytest_kipik.config import resolve
 from pytest_kipik.hosts.bundle import load_into_engine, read_bundle, spool_from_bundle, write_bundle
+from pytest_kipik.hosts.pod import PodBackend
 from pytest_kipik.hosts.transfer import archive_images
 from tests.conftest import APP_IMAGE
 
@@ -72,3 +74,35 @@ def test_bundling_an_image_the_engine_lacks_names_it(
     with pytest.raises(Exception, match=f"'{missing}' is not on the local Docker engine"):
         write_bundle(docker_client, tmp_path / "b.tar", [(missing, "node")], print)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pod_backend_without_an_engine_moves_images_from_the_bundle(
+    docker_client: docker.DockerClient,
+    app_tag: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bundle = tmp_path / "bundle.tar"
+    (entry,) = write_bundle(docker_client, bundle, [(app_tag, "extra")], print)
+    # as in an Argo step: no Docker engine where the test process runs
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    config = resolve(
+        {"backend": "pod", "image": "reg/dind:1", "bundle": str(bundle)},
+        {},
+        {},
+        cwd=tmp_path,
+        ini_dir=tmp_path,
+    )
+    backend = PodBackend(config, print)
+    try:
+        assert backend.local_image_id(app_tag) == entry.id
+        assert backend.local_image_id("kipik-bundle-test/not-in-it:1") is None
+        spooled = backend.spool_image(app_tag)
+        assert spooled is not None
+        image_id, path = spooled
+        try:
+            assert [found.id for found in archive_images(path)] == [image_id] == [entry.id]
+        finally:
+            path.unlink()
+    finally:
+        backend.close()

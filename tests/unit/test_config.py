@@ -29,6 +29,7 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "ttl": ("--kipik-ttl", "kipik_ttl", "KIPIK_TTL"),
         "load_images": ("--kipik-load-images", "kipik_load_images", "KIPIK_LOAD_IMAGES"),
         "logs_dir": ("--kipik-logs-dir", "kipik_logs_dir", "KIPIK_LOGS_DIR"),
+        "bundle": ("--kipik-bundle", "kipik_bundle", "KIPIK_BUNDLE"),
         "outer_kubeconfig": (
             "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
         ),
@@ -111,6 +112,7 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
         "ttl=14400s (default)",
         "load_images=- (default)",
         "logs_dir=- (default)",
+        "bundle=- (default)",
     ]
     assert config.describe("pod") == [
         "outer_kubeconfig=- (default)",
@@ -255,3 +257,8 @@ def test_logs_dir_must_not_be_a_file(tmp_path: Path) -> None:
         resolve({"logs_dir": "f"}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
     config = resolve({}, {}, {"KIPIK_LOGS_DIR": "logs"}, cwd=tmp_path, ini_dir=tmp_path)
     assert config.logs_dir == tmp_path / "logs"
+
+
+def test_a_bundle_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid bundle from command-line option"):
+        resolve({"bundle": "missing.tar"}, {}, {}, cwd=tmp_path, ini_dir=tmp_path)
