@@ -1,7 +1,8 @@
 """When is a nested cluster usable? /readyz ok, every node Ready, the default ServiceAccount.
 
 A cluster restored from a snapshot must also show that it runs again, not only what its copy
-remembers: its kubelets renewed their leases, and its kube-system pods started anew and are Ready.
+remembers: its kubelets renewed their leases, its kube-system pods' status is the restarted
+kubelet's, and no kube-system Service points at a container of before the copy.
 
 Waiting only helps with what time can fix (connection refused, 5xx, not yet Ready). A TLS
 verification failure or a 401/403 fails at once, with the real cause.
@@ -175,11 +176,13 @@ def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> None:
                 raise
 
 
-def not_running_again(pods: list[Any], since: dt.datetime) -> list[str]:
-    """The names of ``pods`` (V1Pod) not running again since ``since``.
+def not_current(pods: list[Any], since: dt.datetime) -> list[str]:
+    """The names of ``pods`` (V1Pod) whose status is still the copy's, not the kubelet's now.
 
-    A pod runs again when each of its containers started since then and is Ready. Finished
-    pods are left out.
+    A restored cluster's pods say Running and Ready from before the copy while their containers
+    are gone. A pod's status is current once the restarted kubelet reported it: each of its
+    containers started since ``since``, or its Ready condition turned False since then (the
+    kubelet saw them gone and starts them anew). Finished pods are left out.
     """
     waiting = []
     for pod in pods:
@@ -187,15 +190,21 @@ def not_running_again(pods: list[Any], since: dt.datetime) -> list[str]:
         if status is None or status.phase in ("Succeeded", "Failed"):
             continue
         containers = status.container_statuses or []
-        fresh = bool(containers) and all(
-            c.ready
-            and c.state is not None
+        started = bool(containers) and all(
+            c.state is not None
             and c.state.running is not None
             and c.state.running.started_at is not None
             and c.state.running.started_at >= since
             for c in containers
         )
-        if not fresh:
+        reported_down = any(
+            c.type == "Ready"
+            and c.status == "False"
+            and c.last_transition_time is not None
+            and c.last_transition_time >= since
+            for c in status.conditions or []
+        )
+        if not (started or reported_down):
             waiting.append(str(pod.metadata and pod.metadata.name))
     return sorted(waiting)
 
@@ -225,25 +234,22 @@ def stale_endpoints(pods: list[Any], slices: list[Any]) -> list[str]:
     return sorted(stale)
 
 
-def system_pods_running_again(api: k8s_client.ApiClient, since: dt.datetime) -> None:
-    """Raise NotYet unless the kube-system pods run again since ``since`` and are served.
+def system_pods_current(api: k8s_client.ApiClient, since: dt.datetime) -> None:
+    """Raise NotYet until the kube-system pods' status and Services are current again.
 
-    Each pod's containers started since then and are Ready, and the kube-system Services
-    point at the pods as they run now.
-
-    A restored cluster's pods say Running and Ready from before the copy, while their
-    containers start anew with new IPs (CoreDNS among them: until kube-dns points at them,
-    DNS is refused). A container started since the restore and Ready shows the status is
-    current.
+    Each pod's status is the restarted kubelet's (:func:`not_current`), and every kube-system
+    Service points at its pods as they are now (:func:`stale_endpoints`): no Service sends
+    traffic to a container of before the copy. CoreDNS then starts and becomes Ready as in a
+    new cluster (kube-dns has no ready endpoint meanwhile), not later than a cold cluster's.
     """
     pods = (
         k8s_client.CoreV1Api(api)
         .list_namespaced_pod("kube-system", _request_timeout=_REQUEST_TIMEOUT)
         .items
     )
-    waiting = not_running_again(pods, since)
+    waiting = not_current(pods, since)
     if waiting:
-        raise NotYet(f"not running again yet: {', '.join(waiting)}")
+        raise NotYet(f"status of before the restore: {', '.join(waiting)}")
     slices = (
         k8s_client.DiscoveryV1Api(api)
         .list_namespaced_endpoint_slice("kube-system", _request_timeout=_REQUEST_TIMEOUT)
@@ -266,7 +272,7 @@ Check = tuple[str, Callable[[], None], str]
 
 
 def _restore_checks(api: k8s_client.ApiClient, nodes: int, restored_at: dt.datetime) -> list[Check]:
-    """What a restored cluster adds: the leader leases released, then its parts running again."""
+    """What a restored cluster adds: the leader leases released, the kubelets and status current."""
     since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
     return [
         (
@@ -282,9 +288,9 @@ def _restore_checks(api: k8s_client.ApiClient, nodes: int, restored_at: dt.datet
             "journal (kipik logs)",
         ),
         (
-            "the kube-system pods (CoreDNS, the CNI, kube-proxy) to run again and be served",
-            lambda: system_pods_running_again(api, since),
-            "the kubelet restarts them after a restore, the controller-manager updates "
+            "the kube-system pods' status and Services to be current again",
+            lambda: system_pods_current(api, since),
+            "the kubelet reports them after a restore, the controller-manager updates "
             "their Services; `kubectl -n kube-system get pods,endpointslices` "
             f"on a kept cluster ({option('keep')}) shows which one does not come back",
         ),
@@ -301,8 +307,8 @@ def wait_ready(
     """Wait for every readiness check in turn, each within what is left until ``deadline``.
 
     ``restored_at``: when the cluster was restored from a snapshot. Then the copied leader
-    leases are released first, and the kubelets and kube-system pods must show that they run
-    again since (:func:`leases_renewed`, :func:`system_pods_running_again`).
+    leases are released first, every kubelet must run again since, and the kube-system pods'
+    status and Services must be current (:func:`leases_renewed`, :func:`system_pods_current`).
     """
     server = str(api.configuration.host)
     checks: list[Check] = [

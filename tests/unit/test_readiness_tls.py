@@ -54,51 +54,70 @@ def test_guard_raises_the_permanent_error_itself() -> None:
         readiness._guard("https://x:1", refused)()
 
 
-def test_only_pods_started_since_the_restore_and_ready_count_as_running_again() -> None:
+def test_a_pods_status_is_current_once_the_restarted_kubelet_reported_it() -> None:
     from kubernetes.client import (
         V1ContainerState,
         V1ContainerStateRunning,
+        V1ContainerStateWaiting,
         V1ContainerStatus,
         V1ObjectMeta,
         V1Pod,
+        V1PodCondition,
         V1PodStatus,
     )
 
     since = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
 
-    def pod(name: str, phase: str, *containers: tuple[int, bool] | None) -> V1Pod:
+    def pod(
+        name: str, phase: str, *started: int | None, ready: tuple[bool, int] | None = None
+    ) -> V1Pod:
+        # started: seconds after since per container (None: waiting); ready: the Ready
+        # condition's status and its transition, in seconds after since
         statuses = [
             V1ContainerStatus(
                 name=f"c{i}",
                 image="i",
                 image_id="",
                 restart_count=1,
-                ready=bool(c and c[1]),
+                ready=False,
                 state=V1ContainerState(
+                    waiting=V1ContainerStateWaiting(reason="ContainerCreating")
+                    if at is None
+                    else None,
                     running=None
-                    if c is None
-                    else V1ContainerStateRunning(started_at=since + dt.timedelta(seconds=c[0]))
+                    if at is None
+                    else V1ContainerStateRunning(started_at=since + dt.timedelta(seconds=at)),
                 ),
             )
-            for i, c in enumerate(containers)
+            for i, at in enumerate(started)
         ]
+        conditions = []
+        if ready is not None:
+            conditions.append(
+                V1PodCondition(
+                    type="Ready",
+                    status="True" if ready[0] else "False",
+                    last_transition_time=since + dt.timedelta(seconds=ready[1]),
+                )
+            )
         return V1Pod(
             metadata=V1ObjectMeta(name=name),
-            status=V1PodStatus(phase=phase, container_statuses=statuses),
+            status=V1PodStatus(phase=phase, container_statuses=statuses, conditions=conditions),
         )
 
     pods = [
-        pod("coredns-a", "Running", (5, True)),  # started since, Ready
-        pod("coredns-b", "Running", (-60, True)),  # Ready as the copy remembers it
-        pod("kindnet", "Running", (3, False)),  # started, not Ready yet
-        pod("kube-proxy", "Running", (2, True), None),  # one container not running
-        pod("etcd", "Pending"),  # no container status yet
-        pod("job", "Succeeded", (-600, False)),  # finished: left out
+        pod("coredns-a", "Running", 5, ready=(False, 4)),  # started since the restore
+        pod("coredns-b", "Running", -60, ready=(True, -55)),  # Running and Ready as copied
+        pod("kindnet", "Running", None, ready=(False, 2)),  # the kubelet reported it gone
+        pod("kube-proxy", "Running", 2, -60, ready=(True, -55)),  # one container of before
+        pod("etcd", "Pending"),  # no status from anyone yet
+        pod("old-down", "Running", -60, ready=(False, -30)),  # down before the copy
+        pod("job", "Succeeded", -600),  # finished: left out
     ]
-    assert readiness.not_running_again(pods, since) == [
-        "coredns-b", "etcd", "kindnet", "kube-proxy"
+    assert readiness.not_current(pods, since) == [
+        "coredns-b", "etcd", "kube-proxy", "old-down"
     ]  # fmt: skip
-    assert readiness.not_running_again(pods[:1] + pods[-1:], since) == []
+    assert readiness.not_current([pods[0], pods[2], pods[-1]], since) == []
 
 
 def test_service_endpoints_are_current_only_when_they_show_the_pods_new_ip_and_readiness() -> None:
