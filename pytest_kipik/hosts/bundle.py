@@ -10,6 +10,7 @@ bundle holds images by tag.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -24,8 +25,8 @@ import docker.errors
 
 from pytest_kipik import paths
 from pytest_kipik.errors import ImageError
-from pytest_kipik.hosts.engine import STREAM_CHUNK
-from pytest_kipik.hosts.transfer import split_reference
+from pytest_kipik.hosts.engine import STREAM_CHUNK, local_image_id
+from pytest_kipik.hosts.transfer import split_reference, spool
 from pytest_kipik.progress import Reporter
 
 META = "kipik-bundle.json"
@@ -83,7 +84,9 @@ def write_bundle(
                 _add_stream(archive, member, image.save(chunk_size=STREAM_CHUNK, named=False))
                 entries.append(Entry(reference, str(image.id), member, role))
             meta = json.dumps({"format": FORMAT, "images": [asdict(e) for e in entries]})
-            _add_bytes(archive, META, meta.encode())
+            info = tarfile.TarInfo(META)
+            info.size, info.mode = len(meta.encode()), 0o644
+            archive.addfile(info, io.BytesIO(meta.encode()))
         Path(partial).replace(out)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -100,16 +103,6 @@ def _add_stream(archive: tarfile.TarFile, member: str, chunks: Any) -> None:
         info.size = handle.tell()
         info.mode = 0o644
         handle.seek(0)
-        archive.addfile(info, handle)
-
-
-def _add_bytes(archive: tarfile.TarFile, member: str, data: bytes) -> None:
-    with tempfile.TemporaryFile() as handle:
-        handle.write(data)
-        handle.seek(0)
-        info = tarfile.TarInfo(member)
-        info.size = len(data)
-        info.mode = 0o644
         archive.addfile(info, handle)
 
 
@@ -142,17 +135,15 @@ def open_member(archive: tarfile.TarFile, entry: Entry) -> IO[bytes]:
     return stream
 
 
-def load_into_engine(client: docker.DockerClient, path: Path, report: Reporter) -> int:
-    """Load every image of the bundle the engine lacks (by reference and id); how many."""
+def load_into_engine(
+    client: docker.DockerClient, path: Path, entries: Sequence[Entry], report: Reporter
+) -> int:
+    """Load every image of the bundle (``entries``, as read) the engine lacks; how many."""
     loaded = 0
-    entries = read_bundle(path)
     with tarfile.open(path, "r:") as archive:
         for entry in entries:
-            try:
-                if str(client.images.get(entry.reference).id) == entry.id:
-                    continue
-            except docker.errors.ImageNotFound:
-                pass
+            if local_image_id(client, entry.reference) == entry.id:
+                continue
             report(f"kipik: {entry.reference} from the bundle {path.name}")
             try:
                 client.images.load(open_member(archive, entry))
@@ -165,19 +156,8 @@ def load_into_engine(client: docker.DockerClient, path: Path, report: Reporter) 
     return loaded
 
 
-def spool_from_bundle(path: Path, reference: str) -> tuple[str, Path] | None:
-    """``(image id, a private file with its docker save archive)``, or None if not in it."""
-    entry = next((e for e in read_bundle(path) if e.reference == reference), None)
-    if entry is None:
-        return None
-    spool = paths.private_dir(paths.cache_home(), "spool")
-    fd, name = tempfile.mkstemp(prefix="image-", suffix=".tar", dir=spool)
-    try:
-        with tarfile.open(path, "r:") as archive, os.fdopen(fd, "wb") as handle:
-            source = open_member(archive, entry)
-            while chunk := source.read(STREAM_CHUNK):
-                handle.write(chunk)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return entry.id, Path(name)
+def spool_from_bundle(path: Path, entry: Entry) -> Path:
+    """A private temporary file with ``entry``'s ``docker save`` archive (see :func:`spool`)."""
+    with tarfile.open(path, "r:") as archive:
+        source = open_member(archive, entry)
+        return spool(iter(lambda: source.read(STREAM_CHUNK), b""))

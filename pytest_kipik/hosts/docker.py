@@ -6,6 +6,7 @@ kipik left on the engine, and keeps snapshots (:mod:`pytest_kipik.hosts.snapshot
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import docker.errors
 from pytest_kipik import labels as lbl
 from pytest_kipik.errors import HostError
 from pytest_kipik.hosts.base import Owned
-from pytest_kipik.hosts.bundle import load_into_engine, read_bundle
+from pytest_kipik.hosts.bundle import Entry, load_into_engine, read_bundle
 from pytest_kipik.hosts.docker_host import DockerHost
 from pytest_kipik.hosts.engine import connect, engine_location, ensure_image, owned_resources
 from pytest_kipik.hosts.snapshots import Snapshots
@@ -45,7 +46,7 @@ class DockerBackend:
             client = connect()
             if self.bundle is not None:
                 try:
-                    load_into_engine(client, self.bundle, self.report)
+                    load_into_engine(client, self.bundle, self._bundled, self.report)
                 except BaseException:
                     client.close()
                     raise
@@ -77,9 +78,12 @@ class DockerBackend:
 
     def _bundled_dind(self) -> str | None:
         """The DinD image of the bundle (used when no image is given), if there is one."""
-        if self.bundle is None:
-            return None
-        return next((e.reference for e in read_bundle(self.bundle) if e.role == "dind"), None)
+        return next((e.reference for e in self._bundled if e.role == "dind"), None)
+
+    @functools.cached_property
+    def _bundled(self) -> list[Entry]:
+        """The images of the bundle, read once (none without a bundle)."""
+        return [] if self.bundle is None else read_bundle(self.bundle)
 
     def make_host(
         self, name: str, labels: Mapping[str, str], inner_ports: Sequence[int]

@@ -10,8 +10,8 @@ cluster it talks to the pod IP directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,17 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
 from pytest_kipik import labels as lbl
-from pytest_kipik import paths
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import BackendUnavailable, ConfigError, HostError, option
 from pytest_kipik.hosts import engine
 from pytest_kipik.hosts.base import Owned, inner_dockerd_args
-from pytest_kipik.hosts.bundle import read_bundle, spool_from_bundle
+from pytest_kipik.hosts.bundle import Entry, read_bundle, spool_from_bundle
 from pytest_kipik.hosts.engine import engine_answers, image_stream, local_image_id
 from pytest_kipik.hosts.outer import OuterCluster, local_outer_addresses
 from pytest_kipik.hosts.pod_api import CREATE_REFUSED, CREATED, REQUEST_TIMEOUT, api_failure
 from pytest_kipik.hosts.pod_host import PodHost
 from pytest_kipik.hosts.pod_manifest import build_pod, load_template
+from pytest_kipik.hosts.transfer import spool
 from pytest_kipik.k8s.portforward import streaming
 from pytest_kipik.kind import config as kind
 from pytest_kipik.progress import Reporter
@@ -180,10 +180,19 @@ class PodBackend:
         """The id of ``image`` on the local engine; None without an engine or such an image."""
         engine = self._local_engine()
         found = None if engine is None else local_image_id(engine, image)
-        if found is None and self.config.bundle is not None:
-            entry = next((e for e in read_bundle(self.config.bundle) if e.reference == image), None)
+        if found is None:
+            entry = self._bundled(image)
             found = None if entry is None else entry.id
         return found
+
+    def _bundled(self, image: str) -> Entry | None:
+        """``image`` in the bundle (the ``bundle`` setting), if it holds it."""
+        return next((e for e in self._bundle_entries if e.reference == image), None)
+
+    @functools.cached_property
+    def _bundle_entries(self) -> list[Entry]:
+        """The images of the bundle, read once (none without a bundle)."""
+        return [] if self.config.bundle is None else read_bundle(self.config.bundle)
 
     def spool_image(self, image: str) -> tuple[str, Path] | None:
         """``docker save`` of a local image into a private temporary file, or None.
@@ -193,20 +202,13 @@ class PodBackend:
         """
         engine = self._local_engine()
         found = None if engine is None else image_stream(engine, image)
-        if found is None:
-            bundle = self.config.bundle
-            return None if bundle is None else spool_from_bundle(bundle, image)
-        image_id, chunks = found
-        spool = paths.private_dir(paths.cache_home(), "spool")
-        fd, name = tempfile.mkstemp(prefix="image-", suffix=".tar", dir=spool)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return image_id, Path(name)
+        if found is not None:
+            image_id, chunks = found
+            return image_id, spool(chunks)
+        entry = self._bundled(image)
+        if entry is None or self.config.bundle is None:
+            return None
+        return entry.id, spool_from_bundle(self.config.bundle, entry)
 
     def list_owned(self, run_id: str | None = None) -> list[Owned]:
         """Pods kipik made in the namespace."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,23 @@ def archive_images(path: Path) -> list[ArchiveImage]:
         f"{path} is not an image archive (no manifest.json or index.json): make one with "
         "`docker save IMAGE -o FILE.tar` (or an OCI layout archive)"
     )
+
+
+def spool(chunks: Iterable[bytes]) -> Path:
+    """``chunks`` written to a new private temporary file (an image archive on its way).
+
+    The caller removes it; nothing is left when writing fails.
+    """
+    directory = paths.private_dir(paths.cache_home(), "spool")
+    fd, name = tempfile.mkstemp(prefix="image-", suffix=".tar", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
 
 
 def context_dir() -> Path:
