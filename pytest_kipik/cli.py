@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import pytest_kipik
 from pytest_kipik import labels as lbl
 from pytest_kipik.config import SETTINGS, KipikConfig, Setting, resolve
 from pytest_kipik.errors import ConfigError, KipikError, front_end, option
@@ -114,12 +115,6 @@ def config_from(
     return resolve(given, {}, environ, cwd=where, ini_dir=where)
 
 
-def _version() -> str:
-    from pytest_kipik import __version__  # noqa: PLC0415 - computed on first use
-
-    return str(__version__)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``kipik`` parser: every subcommand with every setting and its own ``--help``."""
     parser = argparse.ArgumentParser(
@@ -128,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "outside of pytest, with the plugin's settings.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    version = f"%(prog)s {pytest_kipik.__version__}"
+    parser.add_argument("--version", action="version", version=version)
     common = [settings_parser()]
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the modules that import kubernetes and docker load on first
 
     from pytest_kipik.cluster import NestedCluster, NestedNamespace
     from pytest_kipik.factory import ClusterFactory
+    from pytest_kipik.hosts.base import Backend
     from pytest_kipik.hosts.choice import Choice
     from pytest_kipik.sharing.holds import OwnerHolds
 
@@ -131,7 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
         kipik = _resolve(config)
         config.stash[CONFIG_KEY] = kipik
         if kipik.given:  # else nothing is looked at until a fixture asks for a cluster
-            _check_for(kipik, _choice(config))
+            _check_for(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"pytest-kipik: {exc}") from None
     config.stash[SESSION_KEY] = _session(config, kipik)
@@ -155,7 +156,7 @@ def _choice(config: pytest.Config) -> Choice:
     return config.stash[CHOICE_KEY]
 
 
-def _backend_maker(config: pytest.Config, report: Reporter) -> Any:
+def _backend_maker(config: pytest.Config, report: Reporter) -> Backend:
     """A new backend of the session's choice (the import of both backends happens here)."""
     from pytest_kipik.hosts.choice import make_backend
 
@@ -237,11 +238,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         del config.stash[WARM_KEY]
 
 
-def _check_for(kipik: KipikConfig, choice: Choice) -> None:
+def _check_for(config: pytest.Config) -> None:
     """What the chosen backend needs from the settings, checked before the session starts."""
-    from pytest_kipik.hosts.choice import make_backend
-
-    backend = make_backend(kipik, lambda line: None, choice)
+    backend = _backend_maker(config, lambda line: None)
     try:
         backend.preflight()
     finally:
@@ -418,11 +417,11 @@ def _setup_hook(config: pytest.Config) -> dict[str, Any]:
 def _export_logs(factory: ClusterFactory, directory: Path, report: Reporter) -> list[Exception]:
     """``kind export logs`` + the daemon log of every cluster this process made; never raises."""
     problems: list[Exception] = []
+    from pytest_kipik.ops import logs
+
     for cluster in factory.clusters:
         if cluster.status == "attached":
             continue  # the process that made it exports its logs
-        from pytest_kipik.ops import logs
-
         try:
             path = logs.export_logs(
                 cluster.host, cluster.name, directory, timeout=120, kind_name=cluster.kind_name

@@ -25,6 +25,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 __all__ = ["cli_env"]  # the fixture, used by name
 
 
+def _node_names(kubeconfig_path: Path) -> list[str]:
+    """The nodes of the cluster a kubeconfig reaches, by name."""
+    api = kubeconfig.api_client(kubeconfig_path)
+    try:
+        nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
+    finally:
+        api.close()
+    return [n.metadata.name for n in nodes]
+
+
 def test_up_ls_shell_logs_down(
     cli_env: dict[str, str], tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
@@ -62,12 +72,7 @@ def test_up_ls_shell_logs_down(
         script = 'echo "$KUBECONFIG $KIPIK_CLUSTER"; exit 7'
         shell = kipik(cli_env, "shell", name, "--", "sh", "-c", script)
         assert (shell.returncode, shell.stdout) == (7, f"{path} {name}\n")
-        api = kubeconfig.api_client(path)
-        try:
-            nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
-        finally:
-            api.close()
-        assert [n.metadata.name for n in nodes] == [f"{name}-control-plane"]
+        assert _node_names(path) == [f"{name}-control-plane"]
 
         logs = kipik(cli_env, "logs", name, str(tmp_path / "logs"))
         assert logs.returncode == 0, logs.stderr
@@ -134,12 +139,7 @@ def test_up_from_a_bundle_with_its_images_gone_from_the_engine(
         inner = host.exec_run(["docker", "image", "inspect", "-f", "{{.Id}}", node])
         assert inner.output.decode().strip() == ids[node]
         path = Path(up.stdout.strip().removeprefix("export KUBECONFIG="))
-        api = kubeconfig.api_client(path)
-        try:
-            nodes: list[Any] = k8s_client.CoreV1Api(api).list_node().items
-        finally:
-            api.close()
-        assert [n.metadata.name for n in nodes] == [f"{name}-control-plane"]
+        assert _node_names(path) == [f"{name}-control-plane"]
     finally:
         kipik(env, "down", name, timeout=120)
         for tag in (dind, node):
