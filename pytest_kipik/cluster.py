@@ -21,13 +21,15 @@ from typing import Any
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
-from pytest_kipik.errors import ImageError, KipikError
+from pytest_kipik.errors import ImageError, KipikError, option
 from pytest_kipik.hosts.base import Hold, Host, inner_image_id
+from pytest_kipik.hosts.registry import ClusterRegistry, has_local
 from pytest_kipik.hosts.transfer import archive_images
 from pytest_kipik.k8s import kubeconfig
 from pytest_kipik.k8s.manifests import Manifests, Predicate, Source
 from pytest_kipik.k8s.portforward import PortForwarder, forward_resolver
 from pytest_kipik.kind.driver import KindDriver
+from pytest_kipik.kind.registries import LOCAL_PORT
 from pytest_kipik.process import CommandResult, run
 
 
@@ -78,6 +80,23 @@ class NestedCluster:
     def api_client(self) -> k8s_client.ApiClient:
         """A kubernetes ApiClient for this cluster only (built from its own kubeconfig)."""
         return kubeconfig.api_client(self.kubeconfig_path)
+
+    @cached_property
+    def registry(self) -> ClusterRegistry:
+        """The registry inside this cluster's host (``--kipik-registry``): push, then pull.
+
+        ``registry.push("app:v1")`` pushes a local image and returns the name a pod pulls it
+        by (``localhost:5001/app:v1``); ``registry.address`` is where this process reaches it.
+        Raises KipikError when the host runs no registry.
+        """
+        if not has_local(self.host):
+            raise KipikError(
+                f"{self.name} has no registry inside: run with {option('registry')}=IMAGE "
+                "(a Docker registry image, e.g. registry:2)"
+            )
+        endpoint = self.host.api_endpoint(LOCAL_PORT)
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        return ClusterRegistry(f"{host}:{endpoint.port}")
 
     @cached_property
     def core_v1(self) -> k8s_client.CoreV1Api:

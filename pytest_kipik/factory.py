@@ -2,8 +2,9 @@
 
 Making clusters in one host runs these steps (:mod:`pytest_kipik.steps`), the way kind's own
 create runs a list of actions: the host up (or a warm host adopted), the subnets checked
-against it, the node images in, one ``kind create`` per cluster (at the same time), the
-kubeconfig rewritten and the cluster ready, the session's extra images loaded, the setup hook,
+against it, the registry settings in, the node images in, one ``kind create`` per cluster (at
+the same time), the kubeconfig rewritten and the cluster ready, the registry inside wired to
+them, the session's extra images loaded, the setup hook,
 the snapshot saved. A configuration with a snapshot is restored instead
 (:mod:`pytest_kipik.snapshot_steps`). Whatever a failed step leaves is undone (or kept with
 ``keep``). How a host is shared between processes and runs is :mod:`pytest_kipik.sharing`'s
@@ -199,8 +200,10 @@ class ClusterFactory(SnapshotSteps):
             build.ports = [kind.API_SERVER_PORT + i for i in range(len(names))]
             self._host_up(build)
             self._subnets_checked(build)
+            self._registries_in(build)
             self._node_images_in(build)
             clusters = self._clusters_made(build)
+            self._registry_wired(build, clusters)
             self._extra_images_loaded(build, clusters)
             self._set_up(clusters)
             if store is not None and key is not None:

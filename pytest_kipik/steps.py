@@ -24,11 +24,13 @@ from pytest_kipik import labels, paths
 from pytest_kipik.cluster import HostShare, NestedCluster
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import KipikError
+from pytest_kipik.hosts import registry
 from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod
 from pytest_kipik.hosts.choice import make_backend
-from pytest_kipik.k8s import kubeconfig, readiness
+from pytest_kipik.k8s import kubeconfig, manifests, readiness
 from pytest_kipik.kind import config as kind
 from pytest_kipik.kind.driver import KindDriver
+from pytest_kipik.kind.registries import LOCAL_INSIDE, LOCAL_PORT
 from pytest_kipik.progress import Reporter, log, phase
 from pytest_kipik.sharing.flows import Plan, Shape
 from pytest_kipik.sharing.holds import request_owner_hold
@@ -129,6 +131,29 @@ class Steps:
             ),
             build.host.outer_addresses(),
         )
+
+    def _registries_in(self, build: Build) -> None:
+        """The registry settings' files in the host, and the registry inside started."""
+        host, registries = build.host, self.config.registries
+        assert host is not None
+        if registries.configured:
+            with phase(self.report, build.first, "registry settings in"):
+                registry.files_written(host, registries)
+        if registries.local:
+            with phase(self.report, build.first, f"registry inside from {registries.local}"):
+                registry.local_started(host, registries.local, build.left())
+
+    def _registry_wired(self, build: Build, clusters: Sequence[NestedCluster]) -> None:
+        """The registry inside on kind's network, and announced in each cluster (KEP-1755)."""
+        if not self.config.registries.local:
+            return
+        assert build.host is not None
+        registry.local_attached(build.host)
+        pushed_to = build.host.api_endpoint(LOCAL_PORT)
+        for cluster in clusters:
+            manifests.announce_local_registry(
+                cluster.core_v1, f"{pushed_to.host}:{pushed_to.port}", LOCAL_INSIDE
+            )
 
     def _node_images_in(self, build: Build) -> None:
         """Move each node image into the host (once for every cluster in it)."""
@@ -261,6 +286,7 @@ class Steps:
             service_subnet=self.config.service_subnet,
             images=images or {},
             api_server_port=port,
+            registries=self.config.registries,
         )
 
     def _new_host(self, name: str, plan: Plan, ports: Sequence[int]) -> Host:
@@ -278,6 +304,8 @@ class Steps:
         )
         host_name = plan.host_name or f"{name}-dind"
         self._host_labels[host_name] = found
+        if self.config.registry:  # the registry inside, reached like the API server
+            ports = [*ports, LOCAL_PORT]
         return self.backend.make_host(host_name, found, ports)
 
     def _kubeconfig_dir(self, name: str) -> Path:

@@ -45,9 +45,16 @@ def in_pod() -> bool:
     )
 
 
-def inner_dockerd_args() -> list[str]:
-    """Arguments for the DinD image's dockerd (kipik's image and docker:dind pass them on)."""
-    return [f"--bip={INNER_BRIDGE}", f"--default-address-pool=base={INNER_ADDRESS_POOL},size=24"]
+def inner_dockerd_args(extra: Sequence[str] = ()) -> list[str]:
+    """Arguments for the DinD image's dockerd (kipik's image and docker:dind pass them on).
+
+    ``extra``: the registry settings' (mirrors; see :mod:`pytest_kipik.kind.registries`).
+    """
+    return [
+        f"--bip={INNER_BRIDGE}",
+        f"--default-address-pool=base={INNER_ADDRESS_POOL},size=24",
+        *extra,
+    ]
 
 
 @dataclass(frozen=True)

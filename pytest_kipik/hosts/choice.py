@@ -39,7 +39,7 @@ def make_backend(config: KipikConfig, report: Reporter, choice: Choice | None = 
     """The backend ``choice`` names (default: :func:`choose`), not connected yet."""
     name = (choice or choose(config)).name
     if name == "docker":
-        return DockerBackend(config.image, report, config.bundle)
+        return DockerBackend(config.image, report, config.bundle, config.registries.dockerd_args())
     if name == "pod":
         return PodBackend(config, report)
     raise ValueError(f"unknown backend {name!r}")  # config validation makes this unreachable

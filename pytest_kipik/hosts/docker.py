@@ -31,8 +31,16 @@ class DockerBackend:
     #: Published ports outlive this process.
     forwards_api = False
 
-    def __init__(self, image: str | None, report: Reporter, bundle: Path | None = None) -> None:
+    def __init__(
+        self,
+        image: str | None,
+        report: Reporter,
+        bundle: Path | None = None,
+        dockerd_args: Sequence[str] = (),
+    ) -> None:
         self.image = image
+        #: More arguments of every host's inner daemon (registry mirrors).
+        self.dockerd_args = list(dockerd_args)
         self.report = report
         #: An air-gapped bundle whose images the engine gets on first use (none is pulled).
         self.bundle = bundle
@@ -96,6 +104,7 @@ class DockerBackend:
             labels=labels,
             inner_ports=inner_ports,
             resolve_image=self._image,
+            dockerd_args=self.dockerd_args,
         )
 
     def list_owned(self, run_id: str | None = None) -> list[Owned]:

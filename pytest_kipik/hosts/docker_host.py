@@ -110,8 +110,11 @@ class DockerHost:
         labels: Mapping[str, str],
         inner_ports: Sequence[int],
         resolve_image: Callable[[], str] | None = None,
+        dockerd_args: Sequence[str] = (),
     ) -> None:
         self.client = client
+        #: More arguments of the inner daemon (registry mirrors).
+        self.dockerd_args = list(dockerd_args)
         self.image = image
         self._resolve_image = resolve_image
         self._name = name
@@ -174,7 +177,7 @@ class DockerHost:
         try:
             container: Container = self.client.containers.create(
                 self.image,
-                command=inner_dockerd_args(),
+                command=inner_dockerd_args(self.dockerd_args),
                 name=self._name,
                 hostname=self._name,
                 privileged=True,

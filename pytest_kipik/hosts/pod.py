@@ -156,7 +156,7 @@ class PodBackend:
             name=name,
             namespace=self.namespace,
             image=self.config.image,
-            args=inner_dockerd_args(),
+            args=inner_dockerd_args(self.config.registries.dockerd_args()),
             labels=owner_labels,
             deadline_seconds=int(self.config.timeout + self.config.ttl),
             service_account=self.config.service_account,
@@ -231,7 +231,7 @@ class PodBackend:
         PodHost(self, name=resource.name, labels=resource.labels, inner_ports=[]).remove()
 
     def snapshots(self, prefix: str) -> None:
-        """No snapshots on the pod backend (yet: see the README)."""
+        """No snapshots on the pod backend (yet: see docs/lifecycle.md, Snapshots)."""
         return None
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ def api_failure(exc: ApiException, verb: str, resource: str, namespace: str) -> 
         return OuterClusterError(
             f"the outer cluster's Pod Security admission refused the privileged DinD pod in "
             f"namespace {namespace}: {message}\n  The DinD pod must run privileged (or under a "
-            "sysbox runtime class, see the README). Label a namespace for it: kubectl label "
+            "sysbox runtime class, see docs/backends.md). Label a namespace for it: kubectl label "
             f"namespace {namespace} {PSA_LABEL} (or use {option('namespace')} with one that "
             "has it)."
         )

@@ -420,3 +420,30 @@ def _reason(exc: ApiException) -> str:
     if message is not None:
         return f"HTTP {exc.status}: {message}"
     return f"HTTP {exc.status} {exc.reason}: {str(exc.body)[:300]}"
+
+
+def local_registry_hosting(pushed_to: str, inside: str) -> dict[str, Any]:
+    """KEP-1755's ``local-registry-hosting`` ConfigMap: where tools push, what nodes pull by."""
+    document = {"host": pushed_to, "hostFromContainerRuntime": inside}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "local-registry-hosting", "namespace": "kube-public"},
+        "data": {"localRegistryHosting.v1": yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def announce_local_registry(core: k8s_client.CoreV1Api, pushed_to: str, inside: str) -> None:
+    """Create or replace the cluster's ``local-registry-hosting`` ConfigMap."""
+    wanted = local_registry_hosting(pushed_to, inside)
+    body = k8s_client.V1ConfigMap(
+        metadata=k8s_client.V1ObjectMeta(**wanted["metadata"]), data=wanted["data"]
+    )
+    try:
+        core.create_namespaced_config_map("kube-public", body, _request_timeout=30)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise KipikError(f"announcing the registry inside: {_reason(exc)}") from None
+        core.replace_namespaced_config_map(
+            "local-registry-hosting", "kube-public", body, _request_timeout=30
+        )

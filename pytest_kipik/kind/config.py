@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pytest_kipik.errors import ConfigError, option
+from pytest_kipik.kind.registries import CONTAINERD_PATCH, NODE_CERTS_DIR, Registries
 
 API_VERSION = "kind.x-k8s.io/v1alpha4"
 KIND = "Cluster"
@@ -182,6 +183,7 @@ def build_config(
     pod_subnet: str | None = None,
     service_subnet: str | None = None,
     images: Mapping[str, str] | None = None,
+    registries: Registries | None = None,
 ) -> dict[str, Any]:
     """Merge what kipik must set into the user's kind config (which is not modified).
 
@@ -192,7 +194,8 @@ def build_config(
     ``nodes`` (1 control plane + ``nodes - 1`` workers) may only be given when the user's config
     has no ``nodes``. ``pod_subnet``/``service_subnet`` apply where the user set none (IPv4
     clusters only). ``images`` maps node images to the references the inner daemon knows
-    them by (see :meth:`Host.load_image`).
+    them by (see :meth:`Host.load_image`). ``registries``: every node mounts their files, and
+    containerd reads its ``hosts.toml`` files (see :mod:`pytest_kipik.kind.registries`).
     """
     config: dict[str, Any] = copy.deepcopy(dict(user or {}))
     config["kind"] = KIND
@@ -223,7 +226,24 @@ def build_config(
         if san not in sans:
             sans.append(san)
     config["kubeadmConfigPatches"] = [*patches, cert_sans_patch(sans)]
+    if registries is not None and registries.configured:
+        _wire_registries(config, registries)
     return config
+
+
+def _wire_registries(config: dict[str, Any], registries: Registries) -> None:
+    """Every node mounts the registry files; containerd reads ``hosts.toml`` when there are any."""
+    mounts = registries.node_mounts()
+    if not mounts:
+        return
+    config["nodes"] = config.get("nodes") or [{"role": "control-plane"}]
+    for node in config["nodes"]:
+        node["extraMounts"] = [*(node.get("extraMounts") or []), *mounts]
+    if any(m["containerPath"] == NODE_CERTS_DIR for m in mounts):
+        config["containerdConfigPatches"] = [
+            *(config.get("containerdConfigPatches") or []),
+            CONTAINERD_PATCH,
+        ]
 
 
 def node_images(user: Mapping[str, Any] | None, image: str | None) -> list[str]:

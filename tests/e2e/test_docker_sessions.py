@@ -164,7 +164,7 @@ def test_one_session_fixtures_marker_namespaces_a_failing_test_logs_and_teardown
         test_suite=SUITE,
         test_marked=MARKED,
         test_namespaces=NAMESPACES,
-        # the README's deliberately failing example, collected here as a test module
+        # the deliberately failing example of docs/fixtures.md, collected here as a test module
         test_failing_example=(EXAMPLES / "failing_example.py").read_text(),
     )
     logs = tmp_path / "logs"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 import yaml
 from kubernetes import client as k8s_client
@@ -33,6 +34,7 @@ from pytest_kipik.waiting import NotYet, wait_until
 from tests.conftest import APP_IMAGE, WEB, http_get, output_of_a_pod
 from tests.e2e import outer as outer_mod
 from tests.e2e.conftest import InCluster, Tenant
+from tests.e2e.mirror import Mirror, started
 from tests.e2e.outer import OuterCluster, small_pod_template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
@@ -150,25 +152,41 @@ def test_example_suite_from_outside_through_port_forward(
     assert leftovers() == []
 
 
-def test_toolkit_and_the_kipik_command_on_one_cluster_from_outside(
+@pytest.fixture
+def mirror(
+    outer: OuterCluster, docker_client: docker.DockerClient, tmp_path: Path
+) -> Iterator[Mirror]:
+    """A mirror (TLS from a private CA, a password) on the outer cluster's network."""
+    with started(docker_client, tmp_path / "mirror", ("kind",)) as running:
+        yield running
+
+
+def test_toolkit_registries_and_the_kipik_command_on_one_cluster_from_outside(
+    *,
     outer: OuterCluster,
     tenant: Tenant,
     test_images: tuple[str, str],
     built_image: tuple[str, str],
+    docker_client: docker.DockerClient,
+    mirror: Mirror,
     tmp_path: Path,
 ) -> None:
     from pytest_kipik import ClusterFactory, KipikConfig
 
     dind, node = test_images
+    # the node image only in the mirror; the registry inside runs too
+    mirrored_node = f"kipik-test/mirrored-node:{uuid.uuid4().hex[:8]}"
+    mirror.push(docker_client, node, mirrored_node)
     env = cli_env(tenant, tmp_path, KIPIK_IMAGE=dind)
     monkeypatch = pytest.MonkeyPatch()
     for key in ("XDG_STATE_HOME", "XDG_CACHE_HOME"):  # the kipik commands find the kept cluster
         monkeypatch.setenv(key, env[key])
     name = f"toolkit-{uuid.uuid4().hex[:6]}"
     config = KipikConfig(
-        backend="pod", image=dind, node_image=node, outer_kubeconfig=tenant.kubeconfig,
+        backend="pod", image=dind, node_image=mirrored_node, outer_kubeconfig=tenant.kubeconfig,
         namespace=tenant.namespace, timeout=900, keep=True,
         pod_template=small_pod_template(tmp_path / "template.json"),
+        registry=outer_mod.REGISTRY_IMAGE, **mirror.settings("kind"),
     )  # fmt: skip
     try:
         with ClusterFactory(config, report=print) as factory:
@@ -194,6 +212,19 @@ def test_toolkit_and_the_kipik_command_on_one_cluster_from_outside(
             [built] = cluster.load_image(image)
             assert built.moved
             assert output_of_a_pod(cluster, image, ["cat", "/token"]) == f"{token}\n"
+
+            # registries: the node image came through the mirror, a workload image comes through
+            # it to the nodes, and an image pushed to the registry inside runs
+            digests = ["docker", "image", "inspect", "--format", "{{json .RepoDigests}}"]
+            inspected = cluster.host.exec([*digests, mirrored_node], timeout=60).check()
+            repository = mirrored_node.split(":", maxsplit=1)[0]
+            assert f'"{repository}@sha256:' in inspected.stdout  # pulled, not loaded
+            mirrored_app = f"kipik-test/mirrored-app:{token}"
+            mirror.push(docker_client, image, mirrored_app)
+            assert output_of_a_pod(cluster, mirrored_app, ["cat", "/token"]) == f"{token}\n"
+            assert cluster.registry.address.startswith("127.0.0.1:")  # a port-forward
+            pulled_as = cluster.registry.push(image)
+            assert output_of_a_pod(cluster, pulled_as, ["cat", "/token"]) == f"{token}\n"
             cluster.apply(WEB)
             cluster.wait_for("Deployment", "web", condition="Available", timeout=300)
             with cluster.port_forward("svc/web", 80) as forward:

@@ -45,7 +45,9 @@ def test_header_shows_values_and_their_sources(
             "name_prefix=kipik (default), pod_subnet=100.96.0.0/16 (default), "
             "service_subnet=100.97.0.0/16 (default), reuse=False (default), "
             "warm=False (default), snapshots=False (env), ttl=14400s (default), "
-            "load_images=- (default), logs_dir=- (default), bundle=- (default)",
+            "load_images=- (default), logs_dir=- (default), bundle=- (default), "
+            "registry_mirror=- (default), registry_ca=- (default), registry_auth=- (default), "
+            "registry=- (default)",
             "kipik: backend docker (auto: not running in a Kubernetes pod)",
             "kipik: docker engine: unix:///var/run/docker.sock "
             "(the default; DOCKER_HOST is not set)",

@@ -30,6 +30,12 @@ def test_every_setting_has_cli_ini_and_env_names() -> None:
         "load_images": ("--kipik-load-images", "kipik_load_images", "KIPIK_LOAD_IMAGES"),
         "logs_dir": ("--kipik-logs-dir", "kipik_logs_dir", "KIPIK_LOGS_DIR"),
         "bundle": ("--kipik-bundle", "kipik_bundle", "KIPIK_BUNDLE"),
+        "registry_mirror": (
+            "--kipik-registry-mirror", "kipik_registry_mirror", "KIPIK_REGISTRY_MIRROR"
+        ),
+        "registry_ca": ("--kipik-registry-ca", "kipik_registry_ca", "KIPIK_REGISTRY_CA"),
+        "registry_auth": ("--kipik-registry-auth", "kipik_registry_auth", "KIPIK_REGISTRY_AUTH"),
+        "registry": ("--kipik-registry", "kipik_registry", "KIPIK_REGISTRY"),
         "outer_kubeconfig": (
             "--kipik-outer-kubeconfig", "kipik_outer_kubeconfig", "KIPIK_OUTER_KUBECONFIG"
         ),
@@ -113,6 +119,10 @@ def test_describe_shows_value_and_source(tmp_path: Path) -> None:
         "load_images=- (default)",
         "logs_dir=- (default)",
         "bundle=- (default)",
+        "registry_mirror=- (default)",
+        "registry_ca=- (default)",
+        "registry_auth=- (default)",
+        "registry=- (default)",
     ]
     assert config.describe("pod") == [
         "outer_kubeconfig=- (default)",

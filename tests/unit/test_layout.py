@@ -11,8 +11,18 @@ PACKAGE = Path(pytest_kipik.__file__).parent
 
 #: The ground floor: everything may use it, it uses nothing above it but the pure builders
 #: that validating the settings needs.
-GROUND = {"config", "errors", "labels", "paths", "process", "progress", "signals", "waiting"}
-PURE = {"kind.config", "hosts.pod_manifest"}
+GROUND = {
+    "config",
+    "errors",
+    "labels",
+    "parsing",
+    "paths",
+    "process",
+    "progress",
+    "signals",
+    "waiting",
+}
+PURE = {"kind.config", "kind.registries", "hosts.pod_manifest"}
 #: The backends' implementations: only the chooser (and the other parts of hosts/) know them.
 IMPLEMENTATIONS = {
     "hosts.docker",

@@ -1,0 +1,165 @@
+"""Registries in a host: the settings' files put in place, and the registry inside.
+
+The registry inside runs the way kind's local-registry guide wires it: a container named
+``kind-registry`` in the host's inner daemon, published there on port 5001 (which the backend
+makes reachable from this process like the API server), and attached to kind's network, where
+every node's containerd finds it for ``localhost:5001/...`` (``hosts.toml`` from
+:mod:`pytest_kipik.kind.registries`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_kipik.errors import HostError, KipikError, option
+from pytest_kipik.hosts.base import Host
+from pytest_kipik.hosts.transfer import split_reference
+from pytest_kipik.kind import config as kind
+from pytest_kipik.kind.registries import (
+    LOCAL_CONTAINER_PORT,
+    LOCAL_INSIDE,
+    LOCAL_NAME,
+    LOCAL_PORT,
+    Registries,
+)
+
+#: Labels the registry container inside carries (what made it, for whoever looks).
+_LABEL = "io.kipik.role=registry"
+
+
+def files_written(host: Host, registries: Registries) -> int:
+    """Write the inner daemon's and the nodes' registry files into ``host`` (all 0600).
+
+    Returns how many were written.
+    """
+    files = {**registries.daemon_files(), **registries.node_files()}
+    for path, data in files.items():
+        host.write_file(path, data, 0o600)
+    return len(files)
+
+
+def local_started(host: Host, image: str, timeout: float) -> str:
+    """Run the registry inside ``host`` from ``image`` unless it runs already; its image.
+
+    The image moves in from the local engine when it is there, else the inner daemon pulls
+    it. ``--restart=always``: the inner daemon starts it again in a restored snapshot.
+    """
+    running = host.exec(
+        ["docker", "container", "inspect", "--format", "{{.State.Running}}", LOCAL_NAME],
+        timeout=60,
+    )
+    if running.exit_code == 0:  # a warm or restored host's: started again, images kept
+        if running.stdout.strip() != "true":
+            started = host.exec(["docker", "start", LOCAL_NAME], timeout=60)
+            if started.exit_code != 0:
+                raise HostError(
+                    f"the registry inside {host.name} did not start again: {started.stderr.strip()}"
+                )
+        return image
+    loaded = host.load_image(image, timeout)
+    reference = loaded.reference if loaded is not None else image
+    started = host.exec(
+        [
+            "docker", "run", "--detach", "--restart=always", "--name", LOCAL_NAME,
+            "--label", _LABEL, "--publish", f"{LOCAL_PORT}:{LOCAL_CONTAINER_PORT}", reference,
+        ],
+        timeout=timeout,
+    )  # fmt: skip
+    if started.exit_code != 0:
+        raise HostError(
+            f"the registry inside {host.name} did not start from {image}: "
+            f"{started.stderr.strip()}\n  Check {option('registry')} (an image of a Docker "
+            f"registry listening on {LOCAL_CONTAINER_PORT}, e.g. registry:2)."
+        )
+    return reference
+
+
+def local_attached(host: Host) -> None:
+    """Attach the registry inside to kind's network (where the nodes resolve its name)."""
+    attached = host.exec(["docker", "network", "connect", kind.NETWORK, LOCAL_NAME], timeout=60)
+    if attached.exit_code != 0 and "already exists" not in attached.stderr:
+        raise HostError(
+            f"could not attach the registry inside {host.name} to kind's network: "
+            f"{attached.stderr.strip()}"
+        )
+
+
+def has_local(host: Host) -> bool:
+    """Whether ``host`` runs a registry inside."""
+    found = host.exec(["docker", "container", "inspect", LOCAL_NAME], timeout=60)
+    return found.exit_code == 0
+
+
+@dataclass(frozen=True)
+class ClusterRegistry:
+    """The registry inside a nested cluster's host: push here, pull as ``localhost:5001/...``.
+
+    ``address`` is ``host:port`` where this process reaches it (a loopback address with the
+    local Docker engine, which Docker trusts over plain HTTP); ``inside`` is the registry's
+    name for the cluster's nodes.
+    """
+
+    address: str
+    inside: str = LOCAL_INSIDE
+
+    def __str__(self) -> str:
+        return self.address
+
+    def name_for(self, image: str) -> str:
+        """The name a pod pulls ``image`` (a name such as ``app:v1``) by: ``localhost:5001/...``."""
+        return f"{self.inside}/{_path_of(image)}"
+
+    def push(self, image: str, *, timeout: float = 600) -> str:
+        """Push ``image`` of the local Docker engine here; returns the name a pod pulls it by.
+
+        The engine pushes the image under ``address/NAME:TAG`` (that tag is removed again).
+        Needs the Docker engine where the tests run; without one, push to :attr:`address`
+        with any registry client.
+        """
+        from pytest_kipik.hosts import engine  # noqa: PLC0415 - only this call needs the SDK
+
+        path = _path_of(image)
+        repository, tag = path.rsplit(":", 1)
+        target = f"{self.address}/{repository}"
+        client = engine.connect(timeout)
+        try:
+            pushed = _pushed(client, image, target, tag)
+        finally:
+            client.close()
+        if pushed:
+            raise KipikError(
+                f"pushing {image} to the cluster's registry at {self.address}: {pushed}"
+            )
+        return f"{self.inside}/{path}"
+
+
+def _path_of(image: str) -> str:
+    """``repository:tag`` of ``image`` without its registry (``:latest`` when it has none)."""
+    name, tag, digest = split_reference(image)
+    if digest and not tag:
+        raise KipikError(f"push {image} by a tag: a registry stores pushed images by tag")
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        name = rest
+    return f"{name}:{tag or 'latest'}"
+
+
+def _pushed(client: Any, image: str, target: str, tag: str) -> str | None:
+    """Tag ``image`` as ``target:tag`` and push it; None, or the error the engine gave."""
+    import docker.errors  # noqa: PLC0415 - only this call needs the SDK
+
+    try:
+        local = client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return f"the local Docker engine has no image {image}"
+    local.tag(target, tag)
+    try:
+        for line in client.api.push(target, tag, stream=True, decode=True):
+            if line.get("error"):
+                return str(line["error"])
+    except docker.errors.DockerException as exc:
+        return str(exc)
+    finally:
+        client.images.remove(f"{target}:{tag}", noprune=True)
+    return None
