@@ -234,9 +234,10 @@ def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
         _undo_up(factory.backend, name, factory.run_id)
         factory.close()
         raise
+    forwarded = factory.backend.forwards_api
+    registry = cluster.registry if config.registry and not forwarded else None
     cluster.close()  # kept: only its client is closed
     factory.clusters.remove(cluster)
-    forwarded = factory.backend.forwards_api
     factory.close()
     print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)
     lines = [
@@ -245,6 +246,8 @@ def cmd_up(args: argparse.Namespace, config: KipikConfig) -> int:
         f"  a shell:   kipik shell {name}",
         f"  remove it: kipik down {name}",
     ]
+    if registry is not None:
+        lines.append(f"  registry:  push to {registry}; pods pull {registry.name_for('NAME:TAG')}")
     if forwarded:
         lines.append(
             "  its kubeconfig names a port-forward that ended with this command: use "

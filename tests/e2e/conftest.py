@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests.conftest import DIND_IMAGE, NODE_IMAGE, _unavailable
 from tests.e2e import outer as outer_mod
 from tests.e2e.outer import OuterCluster
+from tests.images.build import engine_arch, ensure
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,16 @@ def in_cluster(outer: OuterCluster, tmp_path_factory: pytest.TempPathFactory) ->
     outer.start_registry(outer_mod.REGISTRY_IMAGE)
     node = outer.push(NODE_IMAGE)
     return InCluster(outer_mod.RUNNER_IMAGE, outer_mod.TRUSTING_DIND_IMAGE, node)
+
+
+@pytest.fixture(scope="session")
+def registry_image(docker_client: docker.DockerClient) -> str:
+    """The test registry image (Debian's docker-registry FROM scratch), built when missing."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        _unavailable("Debian's docker-registry is not installed: apt-get install docker-registry")
+    assert binary is not None
+    ensure(
+        docker_client, outer_mod.registry_recipe(Path(binary)), engine_arch(docker_client), False
+    )
+    return outer_mod.REGISTRY_IMAGE

@@ -29,8 +29,7 @@ from docker.types import Mount
 
 from pytest_kipik.waiting import NotYet, wait_until
 from tests.conftest import APP_IMAGE
-from tests.e2e.outer import REGISTRY_IMAGE, registry_recipe
-from tests.images.build import engine_arch, ensure
+from tests.e2e.outer import REGISTRY_IMAGE
 
 USER = "kipik"
 CONFIG = """\
@@ -151,8 +150,11 @@ def _asks_for_a_password(url: str, ca: Path, container: Any) -> None:
 def started(
     client: docker.DockerClient, directory: Path, networks: Sequence[str] = ("bridge",)
 ) -> Iterator[Mirror]:
-    """The mirror on ``networks`` (the first one the holder starts on); removed afterwards."""
-    ensure(client, registry_recipe(Path("/usr/bin/docker-registry")), engine_arch(client), False)
+    """The mirror on ``networks`` (the first one the holder starts on); removed afterwards.
+
+    The registry image must be there (the ``registry_image`` fixture builds it).
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     suffix = secrets.token_hex(3)
     ports: Any = {"5000/tcp": ("127.0.0.1", None)}  # any free port (the stubs want one)
     holder = client.containers.run(

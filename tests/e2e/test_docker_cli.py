@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 import stat
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,15 +38,24 @@ def _node_names(kubeconfig_path: Path) -> list[str]:
 
 
 def test_up_ls_shell_logs_down(
-    cli_env: dict[str, str], tmp_path: Path, docker_client: docker.DockerClient
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
+    registry_image: str,
 ) -> None:
     name = f"cli-{uuid.uuid4().hex[:6]}"
     try:
-        up = kipik(cli_env, "up", "--name", name)
+        up = kipik(cli_env, "up", "--name", name, "--registry", registry_image)
         assert up.returncode == 0, up.stderr
         path = tmp_path / "state" / "pytest-kipik" / "clusters" / name / "kubeconfig"
         assert up.stdout == f"export KUBECONFIG={path}\n"  # exactly what a user pastes
         assert f"remove it: kipik down {name}" in up.stderr
+        pushed_to = re.search(
+            r"registry:  push to (127\.0\.0\.1:\d+); pods pull localhost:5001/NAME:TAG", up.stderr
+        )
+        assert pushed_to, up.stderr
+        with urllib.request.urlopen(f"http://{pushed_to[1]}/v2/", timeout=30) as answer:
+            assert answer.status == 200  # the registry inside answers this machine
         assert f"kipik {name}: kind create (" in up.stderr  # progress goes to stderr
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 

@@ -20,7 +20,6 @@ import pytest
 from pytest_kipik import ClusterFactory, KipikConfig, NestedCluster
 from tests.conftest import output_of_a_pod
 from tests.e2e.mirror import Mirror, started
-from tests.e2e.outer import REGISTRY_IMAGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 TIMEOUT = 900
@@ -30,7 +29,9 @@ MIRRORED_NODE = f"kipik-test/mirrored-node:{secrets.token_hex(4)}"
 
 @pytest.fixture(scope="module")
 def mirror(
-    docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+    docker_client: docker.DockerClient,
+    registry_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Mirror]:
     """The TLS, password-protected mirror on the engine's bridge, for the module."""
     with started(docker_client, tmp_path_factory.mktemp("mirror")) as running:
@@ -56,7 +57,10 @@ class Made:
 
 @pytest.fixture(scope="module")
 def made(
-    mirror: Mirror, test_images: tuple[str, str], docker_client: docker.DockerClient
+    mirror: Mirror,
+    test_images: tuple[str, str],
+    docker_client: docker.DockerClient,
+    registry_image: str,
 ) -> Iterator[Made]:
     """One cluster whose node image comes through the mirror, with the registry inside."""
     dind, node = test_images
@@ -66,7 +70,7 @@ def made(
         node_image=MIRRORED_NODE,
         timeout=TIMEOUT,
         snapshots=False,
-        registry=REGISTRY_IMAGE,
+        registry=registry_image,
         **mirror.settings(),
     )
     reported: list[str] = []

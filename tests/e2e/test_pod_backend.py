@@ -154,7 +154,7 @@ def test_example_suite_from_outside_through_port_forward(
 
 @pytest.fixture
 def mirror(
-    outer: OuterCluster, docker_client: docker.DockerClient, tmp_path: Path
+    outer: OuterCluster, docker_client: docker.DockerClient, registry_image: str, tmp_path: Path
 ) -> Iterator[Mirror]:
     """A mirror (TLS from a private CA, a password) on the outer cluster's network."""
     with started(docker_client, tmp_path / "mirror", ("kind",)) as running:

@@ -32,3 +32,16 @@ def test_the_version_comes_from_git() -> None:
     assert found, f"{installed!r} names no commit"
     head = _git("rev-parse", "HEAD").stdout.strip()
     assert head.startswith(found.group(1)), (installed, head)
+
+
+def test_the_project_urls_share_one_home_and_name_pages_that_exist() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert set(urls) == {"Homepage", "Documentation", "Changelog", "Issues", "Security"}
+    home = urls["Homepage"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/pytest-kipik", home), home
+    assert all(url.startswith(home + "/") for name, url in urls.items() if name != "Homepage")
+    for name, path in (("Documentation", "docs"), ("Changelog", "CHANGELOG.md")):
+        assert urls[name].endswith(f"/main/{path}")
+        assert (ROOT / path).exists(), path
+    assert (ROOT / "SECURITY.md").is_file()  # what GitHub shows as the security policy
