@@ -162,10 +162,12 @@ class Steps:
         for image in kind.node_images(build.shape.user_config, build.shape.node_image):
             with phase(self.report, build.first, f"node image {image} in"):
                 inner = host.load_image(image, build.left())
-            if inner is None:
-                self.report(f"kipik {build.first}: {image} is not local; kind will pull it")
-            else:
+            if inner is not None:
                 build.images[image] = inner.reference
+                continue
+            self.report(f"kipik {build.first}: {image} is not local; the DinD host pulls it")
+            with phase(self.report, build.first, f"node image {image} pulled"):
+                registry.pulled(host, image, self.config.registries, build.left())
 
     def _clusters_made(self, build: Build) -> list[NestedCluster]:
         """One ready cluster per name; several are made at the same time."""

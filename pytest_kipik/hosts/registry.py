@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_kipik.errors import HostError, KipikError, option
+from pytest_kipik.errors import HostError, ImageError, KipikError, option
 from pytest_kipik.hosts.base import Host
 from pytest_kipik.hosts.transfer import split_reference
 from pytest_kipik.kind import config as kind
 from pytest_kipik.kind.registries import (
+    DOCKER_HUB,
     LOCAL_CONTAINER_PORT,
     LOCAL_INSIDE,
     LOCAL_NAME,
@@ -37,6 +38,25 @@ def files_written(host: Host, registries: Registries) -> int:
     for path, data in files.items():
         host.write_file(path, data, 0o600)
     return len(files)
+
+
+def pulled(host: Host, image: str, registries: Registries, timeout: float) -> None:
+    """``docker pull image`` in ``host``; an ImageError that says what to check when it fails.
+
+    The inner daemon pulls through Docker Hub's mirrors and falls back to Docker Hub itself, so
+    the error shown may be Docker Hub's even when a mirror refused.
+    """
+    done = host.exec(["docker", "pull", "--quiet", image], timeout=timeout)
+    if done.exit_code == 0:
+        return
+    hub = [m.url for m in registries.mirrors if m.registry == DOCKER_HUB]
+    through = f" through the mirror(s) {', '.join(hub)} (then Docker Hub)" if hub else ""
+    raise ImageError(
+        f"the DinD host {host.name} could not pull the node image {image}{through}: "
+        f"{done.stderr.strip()}\n  Load it into your Docker engine (kipik moves local images "
+        f"in), or check that its registry or mirror serves it: {option('registry_mirror')}, "
+        f"the CA ({option('registry_ca')}) and the credentials ({option('registry_auth')})."
+    )
 
 
 def local_started(host: Host, image: str, timeout: float) -> str:

@@ -220,7 +220,9 @@ def _claim_warm(maker: Maker, directory: Path, key: str) -> bool:
 def warm_host_name(maker: Maker) -> str:
     """The name of the session's warm host (per name prefix, backend, DinD image and slot)."""
     image = maker.config.image or "default"
-    host_key = warm_host_key(maker.backend.name, image)[:8]
+    registries = maker.config.registries
+    made_with = [*registries.dockerd_args(), *(["registry inside"] if registries.local else [])]
+    host_key = warm_host_key(maker.backend.name, image, made_with)[:8]
     return f"{maker.config.name_prefix}-warm-{host_key}-{maker.session.warm_slot}"
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,9 +113,13 @@ def cluster_key(
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def warm_host_key(backend: str, image: str) -> str:
-    """What a warm host is made of (backend and DinD image): another key, another host."""
-    return hashlib.sha256(f"{backend}\0{image}".encode()).hexdigest()[:12]
+def warm_host_key(backend: str, image: str, made_with: Sequence[str] = ()) -> str:
+    """What a warm host is made of (backend, DinD image, ``made_with``): another key, another host.
+
+    ``made_with``: what else a host gets when it starts (its daemon's arguments, its ports).
+    """
+    text = "\0".join([backend, image, *made_with])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

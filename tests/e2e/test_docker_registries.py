@@ -9,15 +9,19 @@ serves the module; it also runs the registry inside (``--kipik-registry``).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 import pytest
 
 from pytest_kipik import ClusterFactory, KipikConfig, NestedCluster
+from pytest_kipik.errors import ImageError
 from tests.conftest import output_of_a_pod
 from tests.e2e.mirror import Mirror, started
 
@@ -88,7 +92,9 @@ def made(
 
 
 def test_the_node_image_comes_through_the_mirror_with_its_ca_and_credentials(made: Made) -> None:
-    assert any(f"{MIRRORED_NODE} is not local; kind will pull it" in line for line in made.reported)
+    said = "\n".join(made.reported)
+    assert f"{MIRRORED_NODE} is not local; the DinD host pulls it" in said
+    assert re.search(rf"node image {re.escape(MIRRORED_NODE)} pulled \(\d+\.\d+s\)", said), said
     pulled = made.cluster.host.exec(
         ["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", MIRRORED_NODE],
         timeout=60,
@@ -160,3 +166,25 @@ def test_the_credentials_are_in_no_report_log_or_file_others_can_read(
                 stat = ["docker", "exec", node, *stat]
             mode, owner = host.exec(stat, timeout=30).check().stdout.split()
             assert (mode, owner) == ("600", "root"), (file, mode, owner)
+
+
+def test_a_wrong_password_fails_the_pull_saying_what_to_check_and_leaves_nothing(
+    made: Made, mirror: Mirror, test_images: tuple[str, str], tmp_path: Path
+) -> None:
+    # after the module's cluster: its host pulled the node image already, a new one must again
+    wrong = tmp_path / "config.json"
+    wrong.write_text(json.dumps({"auths": {mirror.host(): {"auth": "a2lwaWs6d3Jvbmc="}}}))
+    settings = {**mirror.settings(), "registry_auth": wrong}
+    config = KipikConfig(
+        image=test_images[0], node_image=MIRRORED_NODE, timeout=300, snapshots=False, **settings
+    )
+    with (
+        ClusterFactory(config, report=lambda _: None) as factory,
+        pytest.raises(ImageError) as raised,
+    ):
+        factory.create(name="wrong-password")
+    message = str(raised.value)
+    assert f"could not pull the node image {MIRRORED_NODE} through the mirror(s)" in message
+    assert f"https://{mirror.host()}" in message
+    assert "--kipik-registry-auth" in message
+    assert "a2lwaWs6d3Jvbmc=" not in message  # kipik:wrong, base64: no credential in it

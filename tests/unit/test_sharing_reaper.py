@@ -13,7 +13,14 @@ from pytest_kipik.config import KipikConfig
 from pytest_kipik.hosts.base import Owned
 from pytest_kipik.ops import reaper
 from pytest_kipik.ops.reaper import Verdict, judge
-from pytest_kipik.sharing.session import KeptNotes, Lease, Record, Session, cluster_key
+from pytest_kipik.sharing.session import (
+    KeptNotes,
+    Lease,
+    Record,
+    Session,
+    cluster_key,
+    warm_host_key,
+)
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 HOST = "ci-1"
@@ -225,3 +232,11 @@ def test_sweep_says_what_a_dead_worker_kept_and_removes_the_rest() -> None:
     ]
     assert backend.removed == ["container kipik-r1-gw1-3-dind"]
     assert not any("gw1-1" in line or "r1-2-dind" in line or "r2" in line for line in lines)
+
+
+def test_a_warm_host_made_with_other_daemon_arguments_or_ports_is_another_host() -> None:
+    plain = warm_host_key("docker", "dind:1")
+    assert plain == warm_host_key("docker", "dind:1", ())
+    mirrored = warm_host_key("docker", "dind:1", ["--registry-mirror=https://m"])
+    assert len({plain, mirrored, warm_host_key("docker", "dind:1", ["registry inside"])}) == 3
+    assert mirrored == warm_host_key("docker", "dind:1", ["--registry-mirror=https://m"])
