@@ -146,6 +146,7 @@ class SnapshotSteps(Steps):
                     cluster.api_client, nodes=cluster.nodes, deadline=bound, restored_at=restored_at
                 )
             build.deadline = deadline
+            self._registry_wired(build, [cluster])  # announced at this host's address
             self._extra_images_loaded(build, [cluster])
             undo.pop_all()
         return cluster

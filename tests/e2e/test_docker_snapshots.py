@@ -7,7 +7,8 @@ One test, three pytest sessions with one configuration (so one cold cluster serv
 2. under xdist, the example suite again on the restored session cluster, and two modules marked
    ``fresh=True``, each on its own restored cluster (restored at the same time): the setup hook's
    CRD and image are there, no object of another cluster is, pods run, DNS resolves, port-forwards
-   and kubeconfigs verify TLS; the hook ran once in all;
+   and kubeconfigs verify TLS, the image the hook pushed into the registry inside runs, which
+   is announced at the copy's own address; the hook ran once in all;
 3. after a tree of the snapshot was removed: the restore fails, says why, the snapshot is discarded
    and the cluster created instead; the test passes and a new snapshot (short ttl) is saved, which
    ``kipik gc`` removes once expired.
@@ -61,6 +62,7 @@ def pytest_kipik_cluster_setup(cluster):
     cluster.apply(CRD)
     cluster.wait_for("CustomResourceDefinition", "widgets.kipik.test", "Established")
     cluster.load_image({APP_IMAGE!r})
+    cluster.registry.push({APP_IMAGE!r})  # into the registry inside: part of the snapshot
 '''
 
 WIDGETS = """
@@ -144,6 +146,16 @@ def test_pods_from_the_setup_hooks_image_dns_and_port_forward(nested_cluster):
             assert r.status == 200
     nodes = nested_cluster.kubectl("get", "nodes", "--no-headers").stdout  # kubectl: TLS
     assert " Ready " in nodes
+
+
+def test_the_registry_inside_kept_the_setup_hooks_image_and_is_announced_here(nested_cluster):
+    pulled = POD.split("---")[0].replace("name: web", "name: pulled").replace(
+        "image: {APP_IMAGE}", "image: localhost:5001/{APP_IMAGE}").replace("Never", "Always")
+    nested_cluster.apply(pulled)
+    nested_cluster.wait_for("Pod", "pulled", condition="Ready", timeout=180)
+    hosting = nested_cluster.core_v1.read_namespaced_config_map(
+        "local-registry-hosting", "kube-public").data["localRegistryHosting.v1"]
+    assert f"host: {{nested_cluster.registry.address}}\n" in hosting  # this copy's port
 """
 )
 
@@ -199,6 +211,7 @@ def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_i
     pytester: pytest.Pytester,
     test_images: tuple[str, str],
     docker_client: docker.DockerClient,
+    registry_image: str,
     leftovers: Leftovers,
 ) -> None:
     prefix = f"ksnap{secrets.token_hex(3)}"  # a configuration (and snapshot) of this test only
@@ -208,7 +221,7 @@ def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_i
         **{p.stem: p.read_text() for p in EXAMPLES.glob("test_*.py")},  # node ids of their own
     )
     dind = test_images[0]
-    env = _env(pytester)
+    env = {**_env(pytester), "KIPIK_REGISTRY": registry_image}  # a registry inside, saved too
     examples = ["test_example.py", "test_workload.py"]
     snapshots: list[str] = []
     try:
@@ -236,7 +249,7 @@ def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_i
         )  # fmt: skip
         out = second.stdout
         assert second.returncode == 0, out + second.stderr
-        assert "9 passed" in out, out
+        assert "11 passed" in out, out
         restores = re.findall(rf"kipik ({prefix}-[\w-]+): DinD up from snapshot", out)
         assert len(set(restores)) == 3, out  # the session's cluster and two fresh ones
         assert "kind create" not in out, out
