@@ -155,7 +155,7 @@ def test_the_registry_inside_kept_the_setup_hooks_image_and_is_announced_here(ne
     nested_cluster.wait_for("Pod", "pulled", condition="Ready", timeout=180)
     hosting = nested_cluster.core_v1.read_namespaced_config_map(
         "local-registry-hosting", "kube-public").data["localRegistryHosting.v1"]
-    assert f"host: {{nested_cluster.registry.address}}\n" in hosting  # this copy's port
+    assert f"host: {{nested_cluster.registry.address}}\\n" in hosting  # this copy's port
 """
 )
 
