@@ -25,7 +25,7 @@ from pytest_kipik.cluster import HostShare, NestedCluster
 from pytest_kipik.config import KipikConfig
 from pytest_kipik.errors import KipikError
 from pytest_kipik.hosts import registry
-from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod
+from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod, inner_image_id
 from pytest_kipik.hosts.choice import make_backend
 from pytest_kipik.k8s import kubeconfig, manifests, readiness
 from pytest_kipik.kind import config as kind
@@ -164,6 +164,8 @@ class Steps:
                 inner = host.load_image(image, build.left())
             if inner is not None:
                 build.images[image] = inner.reference
+                continue
+            if inner_image_id(host, image) is not None:  # a warm host's, pulled before
                 continue
             self.report(f"kipik {build.first}: {image} is not local; the DinD host pulls it")
             with phase(self.report, build.first, f"node image {image} pulled"):
