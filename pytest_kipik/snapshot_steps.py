@@ -17,7 +17,7 @@ from filelock import FileLock, Timeout
 
 from pytest_kipik import labels, paths
 from pytest_kipik.cluster import NestedCluster
-from pytest_kipik.errors import KipikError
+from pytest_kipik.errors import KipikError, NameClashError
 from pytest_kipik.hosts.base import SnapshotStore
 from pytest_kipik.hosts.snapshots import COPY_TIMEOUT, Meta, Snapshot
 from pytest_kipik.k8s import kubeconfig, readiness
@@ -91,6 +91,8 @@ class SnapshotSteps(Steps):
             return None
         try:
             cluster = self._restore(name, shape, plan, deadline, store=store, snapshot=snapshot)
+        except NameClashError:  # not the snapshot's fault, and creating would clash the same
+            raise
         except (KipikError, OSError) as exc:
             self.report(
                 f"kipik {name}: restoring from snapshot {snapshot.volume} failed "

@@ -44,8 +44,10 @@ def test_up_ls_shell_logs_down(
     registry_image: str,
 ) -> None:
     name = f"cli-{uuid.uuid4().hex[:6]}"
+    env = {**cli_env, "KIPIK_SNAPSHOTS": "yes", "KIPIK_REGISTRY": registry_image}
+    snapshot = ""
     try:
-        up = kipik(cli_env, "up", "--name", name, "--registry", registry_image)
+        up = kipik(env, "up", "--name", name)
         assert up.returncode == 0, up.stderr
         path = tmp_path / "state" / "pytest-kipik" / "clusters" / name / "kubeconfig"
         assert up.stdout == f"export KUBECONFIG={path}\n"  # exactly what a user pastes
@@ -57,15 +59,20 @@ def test_up_ls_shell_logs_down(
         with urllib.request.urlopen(f"http://{pushed_to[1]}/v2/", timeout=30) as answer:
             assert answer.status == 200  # the registry inside answers this machine
         assert f"kipik {name}: kind create (" in up.stderr  # progress goes to stderr
+        assert f"kipik {name}: snapshot saved (" in up.stderr
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        (snapshot,) = [v for v in _labelled(docker_client, name) if "-snapshot-" in v]
 
-        again = kipik(cli_env, "up", "--name", name, timeout=60)
+        # the same configuration: a restore, which clashes with the name and keeps the snapshot
+        again = kipik(env, "up", "--name", name, timeout=60)
         assert again.returncode == 1
         assert f"a container named {name}-dind already exists" in again.stderr
+        assert "creating the cluster instead" not in again.stderr
         assert again.stdout == ""
         assert path.is_file()  # the clash removed nothing of the first cluster
+        assert snapshot in _labelled(docker_client, name)  # nor the snapshot
 
-        rows = [r for r in _ls(cli_env) if r["name"] == name]
+        rows = [r for r in _ls(env) if r["name"] == name]
         assert len(rows) == 1, rows
         row = rows[0]
         assert (row["backend"], row["status"], row["kind"], row["host"]) == (
@@ -73,7 +80,7 @@ def test_up_ls_shell_logs_down(
         )  # fmt: skip
         assert row["kubeconfig"] == str(path)
         assert _time(row["expires"]) - _time(row["created"]) == dt.timedelta(hours=4)
-        table = kipik(cli_env, "ls", timeout=60)
+        table = kipik(env, "ls", timeout=60)
         assert table.stdout.splitlines()[0].split() == [
             "NAME", "BACKEND", "STATUS", "KIND", "CREATED", "EXPIRES", "KUBECONFIG",
         ]  # fmt: skip
@@ -81,11 +88,11 @@ def test_up_ls_shell_logs_down(
                    for line in table.stdout.splitlines())  # fmt: skip
 
         script = 'echo "$KUBECONFIG $KIPIK_CLUSTER"; exit 7'
-        shell = kipik(cli_env, "shell", name, "--", "sh", "-c", script)
+        shell = kipik(env, "shell", name, "--", "sh", "-c", script)
         assert (shell.returncode, shell.stdout) == (7, f"{path} {name}\n")
         assert _node_names(path) == [f"{name}-control-plane"]
 
-        logs = kipik(cli_env, "logs", name, str(tmp_path / "logs"))
+        logs = kipik(env, "logs", name, str(tmp_path / "logs"))
         assert logs.returncode == 0, logs.stderr
         exported = tmp_path / "logs" / name
         assert logs.stdout == f"{exported}\n"
@@ -97,19 +104,27 @@ def test_up_ls_shell_logs_down(
         inside = docker_client.containers.get(f"{name}-dind").exec_run(["ls", "/kipik"])
         assert b"logs-" not in inside.output  # the temporary tree inside the host is gone
 
-        unknown = kipik(cli_env, "down", f"{name}-nope", timeout=60)
+        unknown = kipik(env, "down", f"{name}-nope", timeout=60)
         assert unknown.returncode == 1
         assert f"no kipik cluster named '{name}-nope' on the docker backend" in unknown.stderr
         assert _labelled(docker_client, name) != []  # an unknown name removed nothing
 
-        down = kipik(cli_env, "down", name, timeout=120)
+        down = kipik(env, "down", name, timeout=120)
         assert down.returncode == 0, down.stderr
         assert f"removed container {name}-dind" in down.stdout
-        assert [r for r in _ls(cli_env) if r["name"] == name] == []
-        assert _labelled(docker_client, name) == []
+        listed = {r["name"]: r["kind"] for r in _ls(env)}
+        assert name not in listed
+        assert listed[snapshot] == "snapshot"  # listed, and removed, by its own name
+        assert _labelled(docker_client, name) == [snapshot]
         assert not path.parent.exists()
+        gone = kipik(env, "down", snapshot, timeout=120)
+        assert gone.returncode == 0, gone.stderr
+        assert f"removed volume {snapshot}" in gone.stdout
+        assert _labelled(docker_client, name) == []
     finally:
-        kipik(cli_env, "down", name, timeout=120)
+        kipik(env, "down", name, timeout=120)
+        if snapshot:
+            kipik(env, "down", snapshot, timeout=120)
 
 
 def test_up_from_a_bundle_with_its_images_gone_from_the_engine(

@@ -51,6 +51,7 @@ def cli_env(tmp_path: Path, test_images: tuple[str, str]) -> dict[str, str]:
     env.update(
         KIPIK_IMAGE=dind,
         KIPIK_NODE_IMAGE=node,
+        KIPIK_SNAPSHOTS="no",  # as in tests/conftest.py: created, no snapshot left behind
         XDG_STATE_HOME=str(tmp_path / "state"),
         XDG_CACHE_HOME=str(tmp_path / "cache"),
     )
