@@ -94,9 +94,7 @@ class NestedCluster:
                 f"{self.name} has no registry inside: run with {option('registry')}=IMAGE "
                 "(a Docker registry image, e.g. registry:2)"
             )
-        endpoint = self.host.api_endpoint(LOCAL_PORT)
-        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-        return ClusterRegistry(f"{host}:{endpoint.port}")
+        return ClusterRegistry(self.host.api_endpoint(LOCAL_PORT).address)
 
     @cached_property
     def core_v1(self) -> k8s_client.CoreV1Api:

@@ -149,11 +149,9 @@ class Steps:
             return
         assert build.host is not None
         registry.local_attached(build.host)
-        pushed_to = build.host.api_endpoint(LOCAL_PORT)
+        pushed_to = build.host.api_endpoint(LOCAL_PORT).address
         for cluster in clusters:
-            manifests.announce_local_registry(
-                cluster.core_v1, f"{pushed_to.host}:{pushed_to.port}", LOCAL_INSIDE
-            )
+            manifests.announce_local_registry(cluster.core_v1, pushed_to, LOCAL_INSIDE)
 
     def _node_images_in(self, build: Build) -> None:
         """Move each node image into the host (once for every cluster in it)."""

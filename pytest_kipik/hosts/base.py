@@ -65,10 +65,15 @@ class Endpoint:
     port: int
 
     @property
+    def address(self) -> str:
+        """``host:port`` (an IPv6 host in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
     def url(self) -> str:
         """The https URL of this endpoint."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
+        return f"https://{self.address}"
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,10 @@ from pytest_kipik.kind.registries import (
 _LABEL = "io.kipik.role=registry"
 
 
-def files_written(host: Host, registries: Registries) -> int:
-    """Write the inner daemon's and the nodes' registry files into ``host`` (all 0600).
-
-    Returns how many were written.
-    """
-    files = {**registries.daemon_files(), **registries.node_files()}
-    for path, data in files.items():
+def files_written(host: Host, registries: Registries) -> None:
+    """Write the inner daemon's and the nodes' registry files into ``host`` (all 0600)."""
+    for path, data in {**registries.daemon_files(), **registries.node_files()}.items():
         host.write_file(path, data, 0o600)
-    return len(files)
 
 
 def pulled(host: Host, image: str, registries: Registries, timeout: float) -> None:
@@ -59,8 +54,8 @@ def pulled(host: Host, image: str, registries: Registries, timeout: float) -> No
     )
 
 
-def local_started(host: Host, image: str, timeout: float) -> str:
-    """Run the registry inside ``host`` from ``image`` unless it runs already; its image.
+def local_started(host: Host, image: str, timeout: float) -> None:
+    """Run the registry inside ``host`` from ``image`` unless it runs already.
 
     The image moves in from the local engine when it is there, else the inner daemon pulls
     it. ``--restart=always``: the inner daemon starts it again in a restored snapshot.
@@ -76,7 +71,7 @@ def local_started(host: Host, image: str, timeout: float) -> str:
                 raise HostError(
                     f"the registry inside {host.name} did not start again: {started.stderr.strip()}"
                 )
-        return image
+        return
     loaded = host.load_image(image, timeout)
     reference = loaded.reference if loaded is not None else image
     started = host.exec(
@@ -92,7 +87,6 @@ def local_started(host: Host, image: str, timeout: float) -> str:
             f"{started.stderr.strip()}\n  Check {option('registry')} (an image of a Docker "
             f"registry listening on {LOCAL_CONTAINER_PORT}, e.g. registry:2)."
         )
-    return reference
 
 
 def local_attached(host: Host) -> None:

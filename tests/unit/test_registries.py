@@ -10,6 +10,7 @@ import pytest
 
 from pytest_kipik.config import resolve
 from pytest_kipik.errors import ConfigError
+from pytest_kipik.hosts.base import Endpoint
 from pytest_kipik.hosts.registry import ClusterRegistry
 from pytest_kipik.k8s.manifests import local_registry_hosting
 from pytest_kipik.kind import config as kind
@@ -239,3 +240,9 @@ def test_the_cluster_announces_its_registry_as_kep_1755_says() -> None:
     assert found["data"]["localRegistryHosting.v1"] == (
         "host: 127.0.0.1:49000\nhostFromContainerRuntime: localhost:5001\n"
     )
+
+
+def test_an_endpoint_is_one_address_for_urls_and_registries() -> None:
+    assert Endpoint("127.0.0.1", 5001).address == "127.0.0.1:5001"
+    assert Endpoint("fd00::5", 5001).address == "[fd00::5]:5001"
+    assert Endpoint("fd00::5", 6443).url == "https://[fd00::5]:6443"
