@@ -200,7 +200,7 @@ class ClusterFactory(SnapshotSteps):
             build.ports = [kind.API_SERVER_PORT + i for i in range(len(names))]
             self._host_up(build)
             self._subnets_checked(build)
-            self._registries_in(build)
+            self._node_files_in(build)
             self._node_images_in(build)
             clusters = self._clusters_made(build)
             self._registry_wired(build, clusters)

@@ -130,7 +130,7 @@ class SnapshotSteps(Steps):
             meta = saved()
             if meta.ports != build.ports or len(meta.clusters) != 1:
                 raise KipikError(f"it saved {len(meta.clusters)} cluster(s) on {meta.ports}")
-            self._registries_in(build)  # the files are outside the saved data root
+            self._node_files_in(build)  # the files are outside the saved data root
             with phase(self.report, name, f"{meta.nodes} node(s) started"):
                 store.start_nodes(host)
             with phase(self.report, name, "kubeconfig + readiness"):

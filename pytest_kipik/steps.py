@@ -29,6 +29,7 @@ from pytest_kipik.hosts.base import Backend, Hold, Host, OutputSink, in_pod, inn
 from pytest_kipik.hosts.choice import make_backend
 from pytest_kipik.k8s import kubeconfig, manifests, readiness
 from pytest_kipik.kind import config as kind
+from pytest_kipik.kind import kubelet
 from pytest_kipik.kind.driver import KindDriver
 from pytest_kipik.kind.registries import LOCAL_INSIDE, LOCAL_PORT
 from pytest_kipik.progress import Reporter, log, phase
@@ -132,10 +133,16 @@ class Steps:
             build.host.outer_addresses(),
         )
 
-    def _registries_in(self, build: Build) -> None:
-        """The registry settings' files in the host, and the registry inside started."""
+    def _node_files_in(self, build: Build) -> None:
+        """The files the nodes mount in the host, and the registry inside started.
+
+        The files: the registry settings' and the kubelet's Docker answer (kind.kubelet).
+        """
         host, registries = build.host, self.config.registries
         assert host is not None
+        if self._kubelet_answer(build.shape):
+            for path, data in kubelet.host_files().items():
+                host.write_file(path, data, 0o644)
         if registries.configured:
             with phase(self.report, build.first, "registry settings in"):
                 registry.files_written(host, registries)
@@ -289,7 +296,13 @@ class Steps:
             images=images or {},
             api_server_port=port,
             registries=self.config.registries,
+            kubelet_answer=self._kubelet_answer(shape),
         )
+
+    @staticmethod
+    def _kubelet_answer(shape: Shape) -> bool:
+        """Whether the nodes answer their kubelets' Docker probe (see kind.kubelet)."""
+        return kubelet.needs_answer(kind.node_images(shape.user_config, shape.node_image))
 
     def _new_host(self, name: str, plan: Plan, ports: Sequence[int]) -> Host:
         found = labels.owner_labels(

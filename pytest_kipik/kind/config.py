@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pytest_kipik.errors import ConfigError, option
+from pytest_kipik.kind import kubelet
 from pytest_kipik.kind.registries import CONTAINERD_PATCH, NODE_CERTS_DIR, Registries
 
 API_VERSION = "kind.x-k8s.io/v1alpha4"
@@ -184,18 +185,19 @@ def build_config(
     service_subnet: str | None = None,
     images: Mapping[str, str] | None = None,
     registries: Registries | None = None,
+    kubelet_answer: bool = False,
 ) -> dict[str, Any]:
     """Merge what kipik must set into the user's kind config (which is not modified).
 
     Kept from the user: nodes, patches, networking (subnets, CNI, ...), feature gates. Set by
-    kipik: the name, ``networking.apiServerAddress``/``apiServerPort``, and a last kubeadm patch
+    kipik: the name, ``networking.apiServerAddress``/``apiServerPort``, and a kubeadm patch
     whose certSANs are the user's own, kind's defaults (``localhost`` and the API address) and
     ``cert_sans``: a merge patch replaces lists, so the union must be written out.
     ``nodes`` (1 control plane + ``nodes - 1`` workers) may only be given when the user's config
     has no ``nodes``. ``pod_subnet``/``service_subnet`` apply where the user set none (IPv4
     clusters only). ``images`` maps node images to the references the inner daemon knows
-    them by (see :meth:`Host.load_image`). ``registries``: every node mounts their files, and
-    containerd reads its ``hosts.toml`` files (see :mod:`pytest_kipik.kind.registries`).
+    them by (see :meth:`Host.load_image`). Every node mounts the ``registries``' files (see
+    :mod:`.registries`) and, with ``kubelet_answer``, those of :mod:`.kubelet`.
     """
     config: dict[str, Any] = copy.deepcopy(dict(user or {}))
     config["kind"] = KIND
@@ -228,7 +230,22 @@ def build_config(
     config["kubeadmConfigPatches"] = [*patches, cert_sans_patch(sans)]
     if registries is not None and registries.configured:
         _wire_registries(config, registries)
+    if kubelet_answer:
+        _wire_kubelet_answer(config)
     return config
+
+
+def _wire_kubelet_answer(config: dict[str, Any]) -> None:
+    """Every node mounts the answer's files; its kubelet's ``--docker`` points there."""
+    _mount_on_every_node(config, kubelet.node_mounts())
+    config["kubeadmConfigPatches"] += kubelet.flag_patches()
+
+
+def _mount_on_every_node(config: dict[str, Any], mounts: Sequence[Mapping[str, Any]]) -> None:
+    """Add ``mounts`` to every node's ``extraMounts`` (kind's one node when none is listed)."""
+    config["nodes"] = config.get("nodes") or [{"role": "control-plane"}]
+    for node in config["nodes"]:
+        node["extraMounts"] = [*(node.get("extraMounts") or []), *(dict(m) for m in mounts)]
 
 
 def _wire_registries(config: dict[str, Any], registries: Registries) -> None:
@@ -236,9 +253,7 @@ def _wire_registries(config: dict[str, Any], registries: Registries) -> None:
     mounts = registries.node_mounts()
     if not mounts:
         return
-    config["nodes"] = config.get("nodes") or [{"role": "control-plane"}]
-    for node in config["nodes"]:
-        node["extraMounts"] = [*(node.get("extraMounts") or []), *mounts]
+    _mount_on_every_node(config, mounts)
     if any(m["containerPath"] == NODE_CERTS_DIR for m in mounts):
         config["containerdConfigPatches"] = [
             *(config.get("containerdConfigPatches") or []),

@@ -93,6 +93,13 @@ from kubernetes import client
 def test_nodes(nested_cluster):
     nodes = nested_cluster.core_v1.list_node().items
     assert [n.metadata.name for n in nodes] == [nested_cluster.name + "-control-plane"]
+    # the kubelet (v1.22) asked the Docker answer for a root dir at its start, and was answered
+    answered = nested_cluster.host.exec(["docker", "exec", nodes[0].metadata.name, "sh", "-c",
+        "systemctl show kipik-cadvisor-docker.socket -p NAccepted --value && grep -ac "
+        "-- --docker=unix:///run/kipik/cadvisor-docker.sock "
+        "/proc/$(systemctl show kubelet -p MainPID --value)/cmdline"], timeout=60).check()
+    accepted, flagged = answered.stdout.split()
+    assert int(accepted) > 0 and flagged == "1", answered
 
 def test_configmap(nested_client):
     core = client.CoreV1Api(nested_client)

@@ -146,6 +146,10 @@ def test_pods_from_the_setup_hooks_image_dns_and_port_forward(nested_cluster):
             assert r.status == 200
     nodes = nested_cluster.kubectl("get", "nodes", "--no-headers").stdout  # kubectl: TLS
     assert " Ready " in nodes
+    # the restarted kubelet (v1.22) was answered by the node's Docker answer at its start
+    answered = nested_cluster.host.exec(["docker", "exec", nodes.split()[0], "systemctl", "show",
+        "kipik-cadvisor-docker.socket", "-p", "NAccepted", "--value"], timeout=60).check()
+    assert int(answered.stdout) > 0, answered
 
 
 def test_the_registry_inside_kept_the_setup_hooks_image_and_is_announced_here(nested_cluster):

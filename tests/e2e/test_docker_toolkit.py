@@ -112,6 +112,12 @@ def test_a_digest_pinned_node_image_and_a_kind_config_field_kipik_does_not_read(
     labels: Any = node.metadata.labels  # type: ignore[union-attr]
     assert labels["kipik-test/passthrough"] == "yes"
     assert node.status.node_info.kubelet_version == "v1.22.3"  # type: ignore[union-attr]
+    # a digest-pinned image's tag ("dev") says no version: no Docker answer, no --docker flag
+    unit = cluster.host.exec(
+        ["docker", "exec", f"{cluster.name}-control-plane", "systemctl", "cat",
+         "kipik-cadvisor-docker.socket"], timeout=60,
+    )  # fmt: skip
+    assert unit.exit_code != 0, unit
     assert cluster.server.startswith("https://127.0.0.1:")
 
 

@@ -22,7 +22,7 @@ GROUND = {
     "signals",
     "waiting",
 }
-PURE = {"kind.config", "kind.registries", "hosts.pod_manifest"}
+PURE = {"kind.config", "kind.kubelet", "kind.registries", "hosts.pod_manifest"}
 #: The backends' implementations: only the chooser (and the other parts of hosts/) know them.
 IMPLEMENTATIONS = {
     "hosts.docker",
