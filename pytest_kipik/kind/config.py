@@ -190,13 +190,14 @@ def build_config(
     """Merge what kipik must set into the user's kind config (which is not modified).
 
     Kept from the user: nodes, patches, networking (subnets, CNI, ...), feature gates. Set by
-    kipik: the name, ``networking.apiServerAddress``/``apiServerPort``, and a kubeadm patch
+    kipik: the name, ``networking.apiServerAddress``/``apiServerPort``, a first kubeadm patch
+    with the kubelets' API budget (:mod:`.kubelet`; the user's patches come after it), and one
     whose certSANs are the user's own, kind's defaults (``localhost`` and the API address) and
-    ``cert_sans``: a merge patch replaces lists, so the union must be written out.
-    ``nodes`` (1 control plane + ``nodes - 1`` workers) may only be given when the user's config
-    has no ``nodes``. ``pod_subnet``/``service_subnet`` apply where the user set none (IPv4
-    clusters only). ``images`` maps node images to the references the inner daemon knows
-    them by (see :meth:`Host.load_image`). Every node mounts the ``registries``' files (see
+    ``cert_sans`` (a merge patch replaces lists: the union is written out). ``nodes`` (1 control
+    plane + ``nodes - 1`` workers) only when the user's config has no ``nodes``.
+    ``pod_subnet``/``service_subnet`` apply where the user set none (IPv4 clusters only).
+    ``images`` maps node images to the references the inner daemon knows them by (see
+    :meth:`Host.load_image`). Every node mounts the ``registries``' files (see
     :mod:`.registries`) and, with ``kubelet_answer``, those of :mod:`.kubelet`.
     """
     config: dict[str, Any] = copy.deepcopy(dict(user or {}))
@@ -223,11 +224,9 @@ def build_config(
         if node.get("image") in (images or {}):
             node["image"] = (images or {})[node["image"]]
     patches = list(config.get("kubeadmConfigPatches") or [])
-    sans: list[str] = []
-    for san in [*_user_cert_sans(patches), "localhost", api_server_address, *cert_sans]:
-        if san not in sans:
-            sans.append(san)
-    config["kubeadmConfigPatches"] = [*patches, cert_sans_patch(sans)]
+    sans = list(dict.fromkeys([*_user_cert_sans(patches), "localhost", api_server_address,
+                               *cert_sans]))  # fmt: skip
+    config["kubeadmConfigPatches"] = [kubelet.budget_patch(), *patches, cert_sans_patch(sans)]
     if registries is not None and registries.configured:
         _wire_registries(config, registries)
     if kubelet_answer:

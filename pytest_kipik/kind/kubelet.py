@@ -1,11 +1,17 @@
-"""The kubelet's start in a kind node, without cAdvisor's five-second wait for a Docker.
+"""The kubelets of kind nodes: their API budget, and a start without cAdvisor's Docker wait.
 
-Kubelets up to v1.23 embed cAdvisor with its Docker plugin. At every start, before anything
-else, that plugin asks the Docker endpoint (the kubelet's ``--docker``) for Docker's root
-directory, five times one second apart, and only then goes on without it
+**API budget.** Kubelets before v1.27 may send 5 requests a second to the API server (burst
+10). After a restore from a snapshot every pod's status, the node's and the events all wait
+in that queue: the kube-system pods' status came back 3-5 s after the API server, a quarter of
+the restore. kipik gives every kubelet the budget v1.27 made the default (50, burst 100), as
+the first kubeadm patch, so a user's own ``KubeletConfiguration`` patch still decides.
+
+**The Docker wait.** Kubelets up to v1.23 embed cAdvisor with its Docker plugin. At every
+start, before anything else, that plugin asks the Docker endpoint (the kubelet's ``--docker``)
+for Docker's root directory, five times one second apart, and only then goes on without it
 (``container/docker.RootDir`` in cAdvisor v0.39). A kind node has no Docker, so each of its
-kubelets waits 5 s before it starts a single pod: on every create, and again on every
-restore from a snapshot, where it is a quarter of the time to ready.
+kubelets waits 5 s before it starts a single pod: on every create, and again on every restore
+from a snapshot, where it was a fifth of the time to ready.
 
 kipik gives those kubelets an endpoint that answers at once. A systemd socket in the node
 (one short-lived service per connection) answers every request with a Docker root and
@@ -30,6 +36,9 @@ from typing import Any
 
 import yaml
 
+#: The kubelet's requests per second to the API server and its burst (v1.27's defaults).
+API_QPS = 50
+API_BURST = 100
 #: The newest kubelet with cAdvisor's Docker plugin (and its ``--docker`` flag).
 LAST_WITH_DOCKER_PLUGIN = (1, 23)
 #: In the DinD host: the files mounted into every node. A dot: no cluster is named so.
@@ -131,3 +140,9 @@ def flag_patches() -> list[str]:
         yaml.safe_dump({"kind": kind, **args}, default_flow_style=False, sort_keys=False)
         for kind in ("InitConfiguration", "JoinConfiguration")
     ]
+
+
+def budget_patch() -> str:
+    """The kubeadm patch that gives the kubelet :data:`API_QPS` and :data:`API_BURST`."""
+    body = {"kind": "KubeletConfiguration", "kubeAPIQPS": API_QPS, "kubeAPIBurst": API_BURST}
+    return yaml.safe_dump(body, default_flow_style=False, sort_keys=False)

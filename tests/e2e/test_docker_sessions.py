@@ -87,7 +87,7 @@ def _kipik(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 # -- one session: fixtures, the marker, namespaces, a failing test, logs, a teardown problem ----
 
 SUITE = """
-import os, stat
+import json, os, stat
 from kubernetes import client
 
 def test_nodes(nested_cluster):
@@ -100,6 +100,10 @@ def test_nodes(nested_cluster):
         "/proc/$(systemctl show kubelet -p MainPID --value)/cmdline"], timeout=60).check()
     accepted, flagged = answered.stdout.split()
     assert int(accepted) > 0 and flagged == "1", answered
+    configz = nested_cluster.core_v1.connect_get_node_proxy_with_path(
+        nodes[0].metadata.name, "configz", _preload_content=False)
+    budget = json.loads(configz.data)["kubeletconfig"]
+    assert (budget["kubeAPIQPS"], budget["kubeAPIBurst"]) == (50, 100)  # kipik's, not 5 and 10
 
 def test_configmap(nested_client):
     core = client.CoreV1Api(nested_client)

@@ -26,12 +26,13 @@ def test_build_config_without_user_config() -> None:
         "name": "demo",
         "networking": {"apiServerAddress": "0.0.0.0", "apiServerPort": 6443},
         "kubeadmConfigPatches": [
+            "kind: KubeletConfiguration\nkubeAPIQPS: 50\nkubeAPIBurst: 100\n",
             "kind: ClusterConfiguration\n"
             "apiServer:\n"
             "  certSANs:\n"
             "  - localhost\n"
             "  - 0.0.0.0\n"
-            "  - 127.0.0.1\n"
+            "  - 127.0.0.1\n",
         ],
     }
 
@@ -64,8 +65,11 @@ def test_build_config_keeps_users_nodes_patches_and_networking() -> None:
         "apiServerAddress": "0.0.0.0",
         "apiServerPort": 6443,
     }
-    assert config["kubeadmConfigPatches"][:2] == user["kubeadmConfigPatches"]
-    last = yaml.safe_load(config["kubeadmConfigPatches"][2])
+    # the kubelets' API budget first (the user's patches may change it), the user's, the SANs
+    assert config["kubeadmConfigPatches"][1:3] == user["kubeadmConfigPatches"]
+    assert yaml.safe_load(config["kubeadmConfigPatches"][0]) == {
+        "kind": "KubeletConfiguration", "kubeAPIQPS": 50, "kubeAPIBurst": 100}  # fmt: skip
+    last = yaml.safe_load(config["kubeadmConfigPatches"][3])
     # a merge patch replaces lists, so the user's SANs must be carried into the last patch
     assert last == {
         "kind": "ClusterConfiguration",

@@ -67,7 +67,7 @@ def test_the_kind_config_mounts_the_files_into_every_node_and_sets_the_flag() ->
     assert built["nodes"][0]["extraMounts"] == [{"hostPath": "/a", "containerPath": "/b"}, *mounts]
     assert built["nodes"][1]["extraMounts"] == mounts
     assert user["nodes"][1] == {"role": "worker"}  # the user's config is not modified
-    patches = [yaml.safe_load(p) for p in built["kubeadmConfigPatches"][1:]]
+    patches = [yaml.safe_load(p) for p in built["kubeadmConfigPatches"][2:]]
     flag = {"nodeRegistration": {"kubeletExtraArgs": {
         "docker": "unix:///run/kipik/cadvisor-docker.sock"}}}  # fmt: skip
     assert patches == [{"kind": "InitConfiguration", **flag}, {"kind": "JoinConfiguration", **flag}]
@@ -77,7 +77,7 @@ def test_the_kind_config_mounts_the_files_into_every_node_and_sets_the_flag() ->
 def test_without_the_answer_nothing_is_added() -> None:
     built = kind.build_config(None, name="c", cert_sans=[])
     assert "nodes" not in built
-    assert len(built["kubeadmConfigPatches"]) == 1  # the certSANs only
+    assert len(built["kubeadmConfigPatches"]) == 2  # the kubelets' API budget, the certSANs
 
 
 def test_the_units_listen_where_the_flag_points_and_start_before_the_kubelet() -> None:
