@@ -125,12 +125,13 @@ class SnapshotSteps(Steps):
             build.ports = [kind.API_SERVER_PORT]
             build.status = "restored"
             host = self._new_host(name, plan, build.ports)
-            saved = store.prepare(host, snapshot)
+            # the files the nodes mount are outside the saved data root: in before it starts
+            saved = store.prepare(host, snapshot, lambda: self._node_files_written(host, shape))
             self._started(build, host, f"DinD up from snapshot {snapshot.volume}", keep=False)
             meta = saved()
             if meta.ports != build.ports or len(meta.clusters) != 1:
                 raise KipikError(f"it saved {len(meta.clusters)} cluster(s) on {meta.ports}")
-            self._node_files_in(build)  # the files are outside the saved data root
+            self._registry_inside(build)
             with phase(self.report, name, f"{meta.nodes} node(s) started"):
                 store.start_nodes(host)
             with phase(self.report, name, "kubeconfig + readiness"):

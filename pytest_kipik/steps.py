@@ -134,21 +134,29 @@ class Steps:
         )
 
     def _node_files_in(self, build: Build) -> None:
-        """The files the nodes mount in the host, and the registry inside started.
+        """The files the nodes mount in the host, and the registry inside started."""
+        assert build.host is not None
+        self._node_files_written(build.host, build.shape)
+        self._registry_inside(build)
+
+    def _node_files_written(self, host: Host, shape: Shape) -> None:
+        """Write the files the nodes mount into ``host`` (running, or created and not started).
 
         The files: the registry settings' and the kubelet's Docker answer (kind.kubelet).
         """
-        host, registries = build.host, self.config.registries
-        assert host is not None
-        if self._kubelet_answer(build.shape):
+        if self._kubelet_answer(shape):
             for path, data in kubelet.host_files().items():
                 host.write_file(path, data, 0o644)
-        if registries.configured:
-            with phase(self.report, build.first, "registry settings in"):
-                registry.files_written(host, registries)
-        if registries.local:
-            with phase(self.report, build.first, f"registry inside from {registries.local}"):
-                registry.local_started(host, registries.local, build.left())
+        if self.config.registries.configured:
+            registry.files_written(host, self.config.registries)
+
+    def _registry_inside(self, build: Build) -> None:
+        """The registry inside the host started, when the session has one."""
+        assert build.host is not None
+        if self.config.registries.local:
+            local = self.config.registries.local
+            with phase(self.report, build.first, f"registry inside from {local}"):
+                registry.local_started(build.host, local, build.left())
 
     def _registry_wired(self, build: Build, clusters: Sequence[NestedCluster]) -> None:
         """The registry inside on kind's network, and announced in each cluster (KEP-1755)."""

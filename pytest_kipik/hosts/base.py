@@ -389,8 +389,13 @@ class SnapshotStore(Protocol):
         """Save ``host``'s cluster(s) as the snapshot of ``key`` (labelled ``found``)."""
         ...
 
-    def prepare(self, host: Host, snapshot: Snapshot) -> Callable[[], Meta]:
-        """Make ``host.start()`` start from ``snapshot``; the returned call gives its meta."""
+    def prepare(
+        self, host: Host, snapshot: Snapshot, then: Callable[[], None] | None = None
+    ) -> Callable[[], Meta]:
+        """Make ``host.start()`` start from ``snapshot``, running ``then`` before it starts.
+
+        The returned call gives the snapshot's meta.
+        """
         ...
 
     def start_nodes(self, host: Host) -> None:

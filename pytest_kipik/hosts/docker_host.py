@@ -188,11 +188,13 @@ class DockerHost:
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageError(f"the DinD image {self.image!r} does not exist: {exc}") from None
+        self.container = container  # created: write_file works before it starts (seed)
         try:
             if self.seed is not None:
                 self.seed(container)
             container.start()
         except BaseException:
+            self.container = None
             with contextlib.suppress(docker.errors.DockerException):
                 container.remove(force=True, v=True)
             raise
@@ -412,7 +414,10 @@ class DockerHost:
         return run_in(where, args, run, timeout=timeout, on_output=on_output)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Put one file into the DinD container (parent directories included)."""
+        """Put one file into the DinD container (parent directories included).
+
+        Works on the created container before it starts, too (a restore's :attr:`seed`).
+        """
         container = self._running()
         parts = [p for p in path.split("/") if p]
         buffer = io.BytesIO()

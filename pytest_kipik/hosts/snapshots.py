@@ -282,15 +282,22 @@ class Snapshots:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def prepare(self, host: Host, snapshot: Snapshot) -> Callable[[], Meta]:
+    def prepare(
+        self, host: Host, snapshot: Snapshot, then: Callable[[], None] | None = None
+    ) -> Callable[[], Meta]:
         """Make ``host.start()`` fill its data volume from ``snapshot`` before it starts.
 
-        The returned call gives the snapshot's meta once the host has started.
+        ``then`` runs after the copy, still before the start: it writes the files outside the
+        data root that the nodes mount, so the inner daemon, which starts the nodes again
+        itself (kind's restart policy), finds them. The returned call gives the snapshot's
+        meta once the host has started.
         """
         found: list[Meta] = []
 
         def seed(container: Container) -> None:
             found.append(self.restore_into(snapshot, container))
+            if then is not None:
+                then()
 
         cast(Any, host).seed = seed  # a DockerHost: the docker backend makes this store's hosts
 
@@ -302,7 +309,11 @@ class Snapshots:
         return meta
 
     def start_nodes(self, host: Host) -> None:
-        """Start every kind node in a restored host (started already is fine)."""
+        """Start every kind node in a restored host (started already is fine).
+
+        The inner daemon usually started them already: kind's nodes restart on failure, and
+        the copy's were running.
+        """
         nodes = _inner(host, ["docker", "ps", "-aq", "--filter", f"label={KIND_LABEL}"]).split()
         if not nodes:
             raise HostError(f"the snapshot restored into {host.name} has no kind node")

@@ -1,8 +1,10 @@
 """When is a nested cluster usable? /readyz ok, every node Ready, the default ServiceAccount.
 
 A cluster restored from a snapshot must also show that it runs again, not only what its copy
-remembers: its kubelets renewed their leases, its kube-system pods' status is the restarted
-kubelet's, and no kube-system Service points at a container of before the copy.
+remembers: its kubelets renewed their leases, its controller-manager and scheduler took their
+leader leases again, its kube-system pods' status is the restarted kubelet's (the control plane's
+own pods prove themselves by the above), and no kube-system Service points at a container of
+before the copy.
 
 Waiting only helps with what time can fix (connection refused, 5xx, not yet Ready). A TLS
 verification failure or a 401/403 fails at once, with the real cause.
@@ -145,20 +147,31 @@ def leases_renewed(api: k8s_client.ApiClient, expected: int, since: dt.datetime)
 #: scheduler would wait out the lease their copied predecessor holds (15 s) before they act.
 LEADER_LEASES = ("kube-controller-manager", "kube-scheduler")
 
+#: The ``component`` label of the control plane's static pods. After a restore each one proves
+#: that it runs by what it does (/readyz: the API server and etcd; a leader lease taken since the
+#: restore: the controller-manager and the scheduler), not by its mirror pod's status, which the
+#: restarted kubelet sends again only with its next status sync (every 10 s).
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
-def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> None:
-    """Delete the control plane's leader leases last renewed before ``since``.
+
+def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> list[str]:
+    """Delete the control plane's leader leases last renewed before ``since``; the ones in use.
 
     After a restore their holders are gone (they ran in the copied cluster), so the new
     controller-manager and scheduler take over at once instead of after the lease runs out.
     A lease renewed since (a new holder) is left alone, and so is one changed meanwhile.
+    Returns the leases the copy held (released or renewed since): those must get a new holder.
+    A lease the copy did not have (leader election switched off) is not awaited.
     """
     leases = k8s_client.CoordinationV1Api(api)
+    held = []
     for name in LEADER_LEASES:
         try:
             lease = leases.read_namespaced_lease(
                 name, "kube-system", _request_timeout=_REQUEST_TIMEOUT
             )
+            held.append(name)
             renewed = lease.spec.renew_time if lease.spec is not None else None
             if renewed is not None and renewed >= since:
                 continue
@@ -174,6 +187,37 @@ def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> None:
         except ApiException as exc:
             if exc.status not in (404, 409):  # gone, or a new holder renewed it meanwhile
                 raise
+    return held
+
+
+def leaders_elected(api: k8s_client.ApiClient, names: list[str], since: dt.datetime) -> None:
+    """Raise NotYet unless each leader lease in ``names`` was taken or renewed since ``since``.
+
+    A new holder shows that the restored controller-manager (or scheduler) runs and leads.
+    """
+    leases = k8s_client.CoordinationV1Api(api)
+    waiting = []
+    for name in names:
+        try:
+            spec = leases.read_namespaced_lease(
+                name, "kube-system", _request_timeout=_REQUEST_TIMEOUT
+            ).spec
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            spec = None
+        if spec is None or spec.renew_time is None or spec.renew_time < since:
+            waiting.append(name)
+    if waiting:
+        raise NotYet(f"no leader since the restore: {', '.join(waiting)}")
+
+
+def _control_plane_mirror(pod: Any) -> bool:
+    """Whether ``pod`` (V1Pod) is the mirror pod of one of the :data:`CONTROL_PLANE`."""
+    meta = pod.metadata
+    if meta is None or MIRROR_ANNOTATION not in (meta.annotations or {}):
+        return False
+    return (meta.labels or {}).get("component") in CONTROL_PLANE
 
 
 def not_current(pods: list[Any], since: dt.datetime) -> list[str]:
@@ -182,12 +226,13 @@ def not_current(pods: list[Any], since: dt.datetime) -> list[str]:
     A restored cluster's pods say Running and Ready from before the copy while their containers
     are gone. A pod's status is current once the restarted kubelet reported it: each of its
     containers started since ``since``, or its Ready condition turned False since then (the
-    kubelet saw them gone and starts them anew). Finished pods are left out.
+    kubelet saw them gone and starts them anew). Finished pods are left out, and so are the
+    control plane's mirror pods (:data:`CONTROL_PLANE`), which prove it otherwise.
     """
     waiting = []
     for pod in pods:
         status = pod.status
-        if status is None or status.phase in ("Succeeded", "Failed"):
+        if status is None or status.phase in ("Succeeded", "Failed") or _control_plane_mirror(pod):
             continue
         containers = status.container_statuses or []
         started = bool(containers) and all(
@@ -271,21 +316,39 @@ def default_service_account(api: k8s_client.ApiClient) -> None:
 Check = tuple[str, Callable[[], None], str]
 
 
-def _restore_checks(api: k8s_client.ApiClient, nodes: int, restored_at: dt.datetime) -> list[Check]:
-    """What a restored cluster adds: the leader leases released, the kubelets and status current."""
+def _restore_checks(
+    api: k8s_client.ApiClient, nodes: int, restored_at: dt.datetime
+) -> tuple[Check, list[Check]]:
+    """What a restored cluster adds: the release of the copied leader leases, and the rest.
+
+    The release comes first, as soon as the API server answers; then the kubelets, the
+    control plane's leaders and the kube-system status current.
+    """
     since = restored_at - dt.timedelta(seconds=1)  # leases carry whole microseconds
-    return [
-        (
-            "the copied control plane's leader leases to be released",
-            lambda: release_leaders(api, since),
-            "kipik deletes the leases of kube-controller-manager and kube-scheduler that "
-            "their copied holders cannot renew",
-        ),
+    held: list[str] = []
+
+    def release() -> None:
+        held[:] = release_leaders(api, since)
+
+    release_check: Check = (
+        "the copied control plane's leader leases to be released",
+        release,
+        "kipik deletes the leases of kube-controller-manager and kube-scheduler that "
+        "their copied holders cannot renew",
+    )
+    return release_check, [
         (
             f"all {nodes} kubelet(s) to run again since the restore",
             lambda: leases_renewed(api, nodes, since),
             "a kubelet renews its node lease every 10 s once it runs; look at the node's "
             "journal (kipik logs)",
+        ),
+        (
+            "the controller-manager and the scheduler to lead again since the restore",
+            lambda: leaders_elected(api, held, since),
+            "each takes its leader lease within a few seconds once it runs; "
+            "`kubectl -n kube-system logs` of its pod on a kept cluster "
+            f"({option('keep')}) says why not",
         ),
         (
             "the kube-system pods' status and Services to be current again",
@@ -307,8 +370,9 @@ def wait_ready(
     """Wait for every readiness check in turn, each within what is left until ``deadline``.
 
     ``restored_at``: when the cluster was restored from a snapshot. Then the copied leader
-    leases are released first, every kubelet must run again since, and the kube-system pods'
-    status and Services must be current (:func:`leases_renewed`, :func:`system_pods_current`).
+    leases are released first, every kubelet must run again since, the controller-manager and
+    the scheduler lead again, and the kube-system pods' status and Services must be current
+    (:func:`leases_renewed`, :func:`leaders_elected`, :func:`system_pods_current`).
     """
     server = str(api.configuration.host)
     checks: list[Check] = [
@@ -330,9 +394,9 @@ def wait_ready(
             "the controller-manager creates it; check its pod in kube-system",
         ),
     ]
-    if restored_at is not None:
-        release, *running = _restore_checks(api, nodes, restored_at)
-        checks = [checks[0], release, *checks[1:], *running]
+    if restored_at is not None:  # the leases go as soon as the API server answers
+        release, running = _restore_checks(api, nodes, restored_at)
+        checks = [release, *checks, *running]
     for what, call, hint in checks:
         wait_until(
             _guard(server, call),
