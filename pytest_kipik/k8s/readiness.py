@@ -190,24 +190,32 @@ def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> list[str]:
     return held
 
 
+def leaderless(leases: list[Any], names: list[str], since: dt.datetime) -> list[str]:
+    """The leader leases among ``names`` that nobody took or renewed at or after ``since``.
+
+    ``leases``: the V1Lease objects of ``kube-system``; a lease that is missing has no leader.
+    """
+    renewed = {
+        lease.metadata.name: lease.spec.renew_time
+        for lease in leases
+        if lease.metadata is not None and lease.spec is not None
+    }
+    return [name for name in names if renewed.get(name) is None or renewed[name] < since]
+
+
 def leaders_elected(api: k8s_client.ApiClient, names: list[str], since: dt.datetime) -> None:
     """Raise NotYet unless each leader lease in ``names`` was taken or renewed since ``since``.
 
     A new holder shows that the restored controller-manager (or scheduler) runs and leads.
     """
-    leases = k8s_client.CoordinationV1Api(api)
-    waiting = []
-    for name in names:
-        try:
-            spec = leases.read_namespaced_lease(
-                name, "kube-system", _request_timeout=_REQUEST_TIMEOUT
-            ).spec
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            spec = None
-        if spec is None or spec.renew_time is None or spec.renew_time < since:
-            waiting.append(name)
+    if not names:
+        return
+    leases = (
+        k8s_client.CoordinationV1Api(api)
+        .list_namespaced_lease("kube-system", _request_timeout=_REQUEST_TIMEOUT)
+        .items
+    )
+    waiting = leaderless(leases, names, since)
     if waiting:
         raise NotYet(f"no leader since the restore: {', '.join(waiting)}")
 

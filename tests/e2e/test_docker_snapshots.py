@@ -8,7 +8,9 @@ One test, three pytest sessions with one configuration (so one cold cluster serv
    ``fresh=True``, each on its own restored cluster (restored at the same time): the setup hook's
    CRD and image are there, no object of another cluster is, pods run, DNS resolves, port-forwards
    and kubeconfigs verify TLS, the image the hook pushed into the registry inside runs, which
-   is announced at the copy's own address; the hook ran once in all;
+   is announced at the copy's own address, the controller-manager and the scheduler took their
+   leader leases since the restore, and the inner daemon started the node itself (every mount
+   was there); the hook ran once in all;
 3. after a tree of the snapshot was removed: the restore fails, says why, the snapshot is discarded
    and the cluster created instead; the test passes and a new snapshot (short ttl) is saved, which
    ``kipik gc`` removes once expired.
@@ -90,10 +92,12 @@ def test_the_setup_hook_ran_before_the_tests(nested_cluster):
 FRESH = (
     WIDGETS
     + f"""
+import datetime
 import socket
 import urllib.request
 
 import pytest
+from kubernetes.client import CoordinationV1Api
 
 from pytest_kipik.waiting import NotYet, wait_until
 
@@ -124,6 +128,24 @@ def test_a_pristine_restored_cluster_of_its_own(nested_cluster):
     mine = "from-" + __name__.replace("_", "-")
     nested_cluster.apply(widget(mine))
     assert widget_names(nested_cluster) == [mine]
+
+
+def test_the_restored_control_plane_leads_and_its_node_was_started_by_the_inner_daemon(
+    nested_cluster,
+):
+    node = nested_cluster.kind_name + "-control-plane"
+    started = nested_cluster.host.exec(["docker", "inspect", "-f", "{{{{.State.StartedAt}}}}",
+        node], timeout=60).check().stdout.strip()
+    started_at = datetime.datetime.fromisoformat(started[:19] + "+00:00")
+    for name in ("kube-controller-manager", "kube-scheduler"):  # new holders, since the restore
+        lease = CoordinationV1Api(nested_cluster.api_client).read_namespaced_lease(
+            name, "kube-system")
+        assert lease.spec.acquire_time >= started_at, (name, lease.spec, started)
+    # the node files were in before the inner daemon started, so its own restart of the node
+    # (kind's restart policy) found every mount
+    log = nested_cluster.host.exec(["cat", "/var/log/dockerd.log"], timeout=60).check().stdout
+    assert "Loading containers: done" in log
+    assert "failed to start container" not in log, log[-3000:]
 
 
 def test_pods_from_the_setup_hooks_image_dns_and_port_forward(nested_cluster):
@@ -253,7 +275,7 @@ def test_a_snapshot_is_saved_once_restored_for_later_clusters_and_a_broken_one_i
         )  # fmt: skip
         out = second.stdout
         assert second.returncode == 0, out + second.stderr
-        assert "11 passed" in out, out
+        assert "13 passed" in out, out
         restores = re.findall(rf"kipik ({prefix}-[\w-]+): DinD up from snapshot", out)
         assert len(set(restores)) == 3, out  # the session's cluster and two fresh ones
         assert "kind create" not in out, out

@@ -120,6 +120,48 @@ def test_a_pods_status_is_current_once_the_restarted_kubelet_reported_it() -> No
     assert readiness.not_current([pods[0], pods[2], pods[-1]], since) == []
 
 
+def test_the_control_planes_mirror_pods_prove_themselves_otherwise() -> None:
+    from kubernetes.client import V1ContainerStatus, V1ObjectMeta, V1Pod, V1PodStatus
+
+    since = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+    mirror = {readiness.MIRROR_ANNOTATION: "abc"}
+
+    def stale(name: str, component: str, annotations: dict[str, str]) -> V1Pod:
+        # Running as the copy remembers it: no container state of since the restore
+        copied = V1ContainerStatus(name="c", image="i", image_id="", restart_count=0, ready=True)
+        return V1Pod(
+            metadata=V1ObjectMeta(
+                name=name, labels={"component": component}, annotations=annotations
+            ),
+            status=V1PodStatus(phase="Running", container_statuses=[copied]),
+        )
+
+    pods = [
+        *(stale(c, c, mirror) for c in readiness.CONTROL_PLANE),  # /readyz and leases prove them
+        stale("my-static-pod", "my-agent", mirror),  # another static pod: its status must be new
+        stale("etcd-lookalike", "etcd", {}),  # not a mirror pod: its status must be new
+    ]
+    assert readiness.not_current(pods, since) == ["etcd-lookalike", "my-static-pod"]
+
+
+def test_a_leader_lease_counts_once_taken_or_renewed_since_the_restore() -> None:
+    from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
+
+    since = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+
+    def lease(name: str, renewed: int | None) -> V1Lease:
+        at = None if renewed is None else since + dt.timedelta(seconds=renewed)
+        return V1Lease(metadata=V1ObjectMeta(name=name), spec=V1LeaseSpec(renew_time=at))
+
+    names = ["kube-controller-manager", "kube-scheduler"]
+    assert readiness.leaderless([], names, since) == names  # released, not taken yet
+    copied = [lease("kube-controller-manager", -300), lease("kube-scheduler", None)]
+    assert readiness.leaderless(copied, names, since) == names
+    taken = [lease("kube-controller-manager", 0), lease("kube-scheduler", 3), lease("x", -9)]
+    assert readiness.leaderless(taken, names, since) == []
+    assert readiness.leaderless(copied, [], since) == []  # leader election off: nothing awaited
+
+
 def test_service_endpoints_are_current_only_when_they_show_the_pods_new_ip_and_readiness() -> None:
     from kubernetes.client import (
         V1Endpoint,
