@@ -144,11 +144,13 @@ class Steps:
 
         The files: the registry settings' and the kubelet's Docker answer (kind.kubelet).
         """
+        files: dict[str, tuple[bytes, int]] = {}
         if self._kubelet_answer(shape):
-            for path, data in kubelet.host_files().items():
-                host.write_file(path, data, 0o644)
+            files.update((path, (data, 0o644)) for path, data in kubelet.host_files().items())
         if self.config.registries.configured:
-            registry.files_written(host, self.config.registries)
+            files.update(registry.files(self.config.registries))
+        if files:
+            host.write_files(files)  # one call: one exec on the pod backend
 
     def _registry_inside(self, build: Build) -> None:
         """The registry inside the host started, when the session has one."""

@@ -126,6 +126,13 @@ class Host(Protocol):
         """Create or replace a file inside the host (parent directories are made)."""
         ...
 
+    def write_files(self, files: Mapping[str, tuple[bytes, int]]) -> None:
+        """Create or replace files inside the host in one call: path -> (data, mode).
+
+        Missing parent directories are made (0755); existing ones are left as they are.
+        """
+        ...
+
     def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
         """Run ``argv`` inside the host (no shell) with the local file ``source`` as its stdin.
 
@@ -204,6 +211,24 @@ class Host(Protocol):
     def removal_command(self) -> str:
         """A shell command a user can paste to remove the host by hand."""
         ...
+
+
+def files_archive(files: Mapping[str, tuple[bytes, int]], mtime: int) -> bytes:
+    """An uncompressed tar of ``files`` (absolute path -> (data, mode)) to extract at ``/``.
+
+    Only the files (owned by root, modified at ``mtime``): whoever extracts it makes missing
+    parent directories and leaves existing ones alone.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for path, (data, mode) in files.items():
+            name = "/".join(part for part in path.split("/") if part)
+            if not path.startswith("/") or not name or ".." in name.split("/"):
+                raise HostError(f"not an absolute path of a file: {path!r}")
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, mtime
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def inner_image_id(host: Host, reference: str) -> str | None:

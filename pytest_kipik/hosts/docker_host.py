@@ -32,6 +32,7 @@ from pytest_kipik.hosts.base import (
     Loaded,
     OutputSink,
     extract_tree,
+    files_archive,
     inner_dockerd_args,
     load_unless_present,
 )
@@ -414,27 +415,17 @@ class DockerHost:
         return run_in(where, args, run, timeout=timeout, on_output=on_output)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Put one file into the DinD container (parent directories included).
+        """Put one file into the DinD container (parent directories included)."""
+        self.write_files({path: (data, mode)})
+
+    def write_files(self, files: Mapping[str, tuple[bytes, int]]) -> None:
+        """Put files into the DinD container in one archive (parent directories included).
 
         Works on the created container before it starts, too (a restore's :attr:`seed`).
         """
         container = self._running()
-        parts = [p for p in path.split("/") if p]
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as archive:
-            for depth in range(1, len(parts)):
-                directory = tarfile.TarInfo("/".join(parts[:depth]))
-                directory.type = tarfile.DIRTYPE
-                directory.mode = 0o755
-                directory.mtime = int(time.time())
-                archive.addfile(directory)
-            info = tarfile.TarInfo("/".join(parts))
-            info.size = len(data)
-            info.mode = mode
-            info.mtime = int(time.time())
-            archive.addfile(info, io.BytesIO(data))
-        if not container.put_archive("/", buffer.getvalue()):
-            raise HostError(f"could not write {path} into {self._name}")
+        if not container.put_archive("/", files_archive(files, int(time.time()))):
+            raise HostError(f"could not write {', '.join(files)} into {self._name}")
 
     def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
         """Run ``argv`` in the DinD container with the file ``source`` streamed to its stdin."""

@@ -21,7 +21,14 @@ from kubernetes.client.exceptions import ApiException
 
 from pytest_kipik import labels as lbl
 from pytest_kipik.errors import HostError, NameClashError, WaitTimeout, option, status_message
-from pytest_kipik.hosts.base import Endpoint, Loaded, OutputSink, extract_tree, load_unless_present
+from pytest_kipik.hosts.base import (
+    Endpoint,
+    Loaded,
+    OutputSink,
+    extract_tree,
+    files_archive,
+    load_unless_present,
+)
 from pytest_kipik.hosts.pod_api import (
     CREATE_REFUSED,
     CREATED,
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
 
 DAEMON_LOG = "/var/log/dockerd.log"
 _CHUNK = 1024 * 1024
+#: Extracts the archive of exactly ``$1`` bytes on stdin at ``/`` (:meth:`PodHost.write_files`).
+UNTAR = 'head -c "$1" | tar -x -C / -f -'
 
 
 class PodHost:
@@ -355,10 +364,16 @@ class PodHost:
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         """Create or replace one file inside the DinD container."""
-        script = 'mkdir -p "$(dirname "$2")" && head -c "$1" > "$2" && chmod "$3" "$2"'
-        result = self._exec_with_input(script, len(data), [data], 60, path, format(mode, "o"))
+        self.write_files({path: (data, mode)})
+
+    def write_files(self, files: Mapping[str, tuple[bytes, int]]) -> None:
+        """Create or replace files inside the DinD container: one archive through one exec."""
+        archive = files_archive(files, int(time.time()))
+        result = self._exec_with_input(UNTAR, len(archive), [archive], 60)
         if result.exit_code != 0:
-            raise HostError(f"could not write {path} into {self._name}: {result.stderr.strip()}")
+            raise HostError(
+                f"could not write {', '.join(files)} into {self._name}: {result.stderr.strip()}"
+            )
 
     def feed(self, argv: Sequence[str], source: Path, timeout: float) -> CommandResult:
         """Run ``argv`` in the DinD container, fed the file ``source`` through exec's stdin."""

@@ -29,10 +29,10 @@ from pytest_kipik.kind.registries import (
 _LABEL = "io.kipik.role=registry"
 
 
-def files_written(host: Host, registries: Registries) -> None:
-    """Write the inner daemon's and the nodes' registry files into ``host`` (all 0600)."""
-    for path, data in {**registries.daemon_files(), **registries.node_files()}.items():
-        host.write_file(path, data, 0o600)
+def files(registries: Registries) -> dict[str, tuple[bytes, int]]:
+    """The inner daemon's and the nodes' registry files for a host: path -> (data, 0600)."""
+    found = {**registries.daemon_files(), **registries.node_files()}
+    return {path: (data, 0o600) for path, data in found.items()}
 
 
 def pulled(host: Host, image: str, registries: Registries, timeout: float) -> None:
