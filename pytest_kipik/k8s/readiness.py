@@ -290,10 +290,12 @@ def stale_endpoints(pods: list[Any], slices: list[Any]) -> list[str]:
 def system_pods_current(api: k8s_client.ApiClient, since: dt.datetime) -> None:
     """Raise NotYet until the kube-system pods' status and Services are current again.
 
-    Each pod's status is the restarted kubelet's (:func:`not_current`), and every kube-system
-    Service points at its pods as they are now (:func:`stale_endpoints`): no Service sends
-    traffic to a container of before the copy. CoreDNS then starts and becomes Ready as in a
-    new cluster (kube-dns has no ready endpoint meanwhile), not later than a cold cluster's.
+    Each pod's status is the restarted kubelet's (:func:`not_current`), and no kube-system
+    Service points at its pods as they were before the copy (:func:`stale_endpoints`): such an
+    EndpointSlice is removed at once, as the controller-manager would when its controllers
+    start (10 s after it leads: its node IPAM controller waits that long at every start), and
+    it makes them anew. CoreDNS then starts and becomes Ready as in a new cluster (kube-dns has
+    no ready endpoint meanwhile), not later than a cold cluster's.
     """
     pods = (
         k8s_client.CoreV1Api(api)
@@ -303,14 +305,28 @@ def system_pods_current(api: k8s_client.ApiClient, since: dt.datetime) -> None:
     waiting = not_current(pods, since)
     if waiting:
         raise NotYet(f"status of before the restore: {', '.join(waiting)}")
-    slices = (
-        k8s_client.DiscoveryV1Api(api)
-        .list_namespaced_endpoint_slice("kube-system", _request_timeout=_REQUEST_TIMEOUT)
-        .items
-    )
-    stale = stale_endpoints(pods, slices)
+    discovery = k8s_client.DiscoveryV1Api(api)
+    slices = discovery.list_namespaced_endpoint_slice(
+        "kube-system", _request_timeout=_REQUEST_TIMEOUT
+    ).items
+    stale = [s for s in slices if s.metadata is not None and stale_endpoints(pods, [s])]
+    for found in stale:
+        meta: Any = found.metadata
+        try:
+            discovery.delete_namespaced_endpoint_slice(
+                str(meta.name),
+                "kube-system",
+                body=k8s_client.V1DeleteOptions(
+                    preconditions=k8s_client.V1Preconditions(resource_version=meta.resource_version)
+                ),
+                _request_timeout=_REQUEST_TIMEOUT,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone, or the controller updated it meanwhile
+                raise
     if stale:
-        raise NotYet(f"Services not pointing at their pods yet: {', '.join(stale)}")
+        shown = ", ".join(stale_endpoints(pods, stale))
+        raise NotYet(f"removed the EndpointSlices of before the restore ({shown}); checking again")
 
 
 def default_service_account(api: k8s_client.ApiClient) -> None:
