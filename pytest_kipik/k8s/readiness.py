@@ -155,6 +155,26 @@ CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-sche
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
+def _delete_unless_changed(delete: Callable[..., Any], name: str, version: str | None) -> None:
+    """``delete`` the kube-system object ``name`` if it still has resourceVersion ``version``.
+
+    Gone already, or changed meanwhile (a new lease holder, the controller's own update), is
+    left as it is.
+    """
+    try:
+        delete(
+            name,
+            "kube-system",
+            body=k8s_client.V1DeleteOptions(
+                preconditions=k8s_client.V1Preconditions(resource_version=version)
+            ),
+            _request_timeout=_REQUEST_TIMEOUT,
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+
+
 def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> list[str]:
     """Delete the control plane's leader leases last renewed before ``since``; the ones in use.
 
@@ -171,22 +191,16 @@ def release_leaders(api: k8s_client.ApiClient, since: dt.datetime) -> list[str]:
             lease = leases.read_namespaced_lease(
                 name, "kube-system", _request_timeout=_REQUEST_TIMEOUT
             )
-            held.append(name)
-            renewed = lease.spec.renew_time if lease.spec is not None else None
-            if renewed is not None and renewed >= since:
-                continue
-            version = lease.metadata.resource_version if lease.metadata is not None else None
-            leases.delete_namespaced_lease(
-                name,
-                "kube-system",
-                body=k8s_client.V1DeleteOptions(
-                    preconditions=k8s_client.V1Preconditions(resource_version=version)
-                ),
-                _request_timeout=_REQUEST_TIMEOUT,
-            )
         except ApiException as exc:
-            if exc.status not in (404, 409):  # gone, or a new holder renewed it meanwhile
-                raise
+            if exc.status == 404:  # the copy has no such lease
+                continue
+            raise
+        held.append(name)
+        renewed = lease.spec.renew_time if lease.spec is not None else None
+        if renewed is not None and renewed >= since:
+            continue
+        version = lease.metadata.resource_version if lease.metadata is not None else None
+        _delete_unless_changed(leases.delete_namespaced_lease, name, version)
     return held
 
 
@@ -309,23 +323,15 @@ def system_pods_current(api: k8s_client.ApiClient, since: dt.datetime) -> None:
     slices = discovery.list_namespaced_endpoint_slice(
         "kube-system", _request_timeout=_REQUEST_TIMEOUT
     ).items
-    stale = [s for s in slices if s.metadata is not None and stale_endpoints(pods, [s])]
-    for found in stale:
-        meta: Any = found.metadata
-        try:
-            discovery.delete_namespaced_endpoint_slice(
-                str(meta.name),
-                "kube-system",
-                body=k8s_client.V1DeleteOptions(
-                    preconditions=k8s_client.V1Preconditions(resource_version=meta.resource_version)
-                ),
-                _request_timeout=_REQUEST_TIMEOUT,
-            )
-        except ApiException as exc:
-            if exc.status not in (404, 409):  # gone, or the controller updated it meanwhile
-                raise
-    if stale:
-        shown = ", ".join(stale_endpoints(pods, stale))
+    removed: list[str] = []
+    for found in slices:
+        stale = stale_endpoints(pods, [found])
+        if stale and found.metadata is not None:
+            name, version = str(found.metadata.name), found.metadata.resource_version
+            _delete_unless_changed(discovery.delete_namespaced_endpoint_slice, name, version)
+            removed.extend(stale)
+    if removed:
+        shown = ", ".join(sorted(removed))
         raise NotYet(f"removed the EndpointSlices of before the restore ({shown}); checking again")
 
 
